@@ -1,0 +1,5 @@
+"""The fedstream broker: routes cell messages and fans out push chunks."""
+
+from broker.broker import Broker
+
+__all__ = ["Broker"]

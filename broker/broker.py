@@ -1,0 +1,284 @@
+"""Broker: a ROUTER that routes FQCN-addressed messages, plus the XSUB/XPUB fan-out pair."""
+
+import logging
+import threading
+from collections import Counter
+from typing import Optional
+from urllib.parse import urlsplit
+
+import zmq
+
+from broker.registry import Registry, monotonic
+from common import protocol as proto
+from common.fqcn import is_valid_fqcn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://127.0.0.1:5550"
+DEFAULT_NODE_TIMEOUT = 5.0
+_POLL_MS = 200
+_SWEEP_INTERVAL = 0.5
+_DRAIN_BATCH = 256
+_FANOUT_HWM = 1000
+_ROUTER_HWM = 1000
+
+
+def split_tcp_address(address: str) -> tuple[str, int]:
+    """Split 'tcp://host:port' into (host, port); raise ValueError if it is not that shape."""
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or not parts.hostname or port is None:
+        raise ValueError(f"Invalid address {address!r}: expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5550).")
+    return parts.hostname, port
+
+
+def _reachable_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "*", "") else host
+
+
+class Broker:
+    """Central message router of a fedstream federation; runs in a background thread."""
+
+    def __init__(
+        self,
+        bind: str = DEFAULT_BIND,
+        context: Optional[zmq.Context] = None,
+        node_timeout: float = DEFAULT_NODE_TIMEOUT,
+        fanout_ports: Optional[tuple[int, int]] = None,
+    ) -> None:
+        self._host, self._port = split_tcp_address(bind)
+        if node_timeout <= 0:
+            raise ValueError(f"node_timeout must be positive, got {node_timeout!r}.")
+        self._bind_host = "*" if self._host == "0.0.0.0" else self._host
+        self._fanout_ports = fanout_ports
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self.registry = Registry(node_timeout)
+        self.stats: Counter = Counter()
+        self._router: Optional[zmq.Socket] = None
+        self._xsub: Optional[zmq.Socket] = None
+        self._xpub: Optional[zmq.Socket] = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._fanout_info: dict = {}
+        self.address = ""
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Broker":
+        """Bind the sockets (raises if a port is taken) and start serving in the background."""
+        if self._threads:
+            raise RuntimeError("Broker is already started.")
+        try:
+            self._bind_sockets()
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise OSError(f"Broker cannot bind on {self._host}:{self._port}: {exc}") from None
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._route_loop, name="fedstream-broker", daemon=True),
+            threading.Thread(target=self._fanout_loop, name="fedstream-fanout", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        log.info("broker listening on %s (fan-out in %s, out %s)", self.address,
+                 self._fanout_info["xsub_port"], self._fanout_info["xpub_port"])
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and release the ports."""
+        if not self._threads:
+            return
+        self._stop.set()
+        ctrl = self._ctx.socket(zmq.PAIR)
+        ctrl.linger = 0
+        ctrl.connect(self._ctrl_endpoint)
+        ctrl.send(b"TERMINATE")
+        for thread in self._threads:
+            thread.join(timeout)
+        ctrl.close()
+        self._threads = []
+        self._close_sockets()
+        if self._own_context:
+            self._ctx.term()
+        log.info("broker on %s stopped", self.address)
+
+    def __enter__(self) -> "Broker":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def fanout_ports(self) -> tuple[int, int]:
+        """(XSUB port publishers connect to, XPUB port subscribers connect to)."""
+        return self._fanout_info["xsub_port"], self._fanout_info["xpub_port"]
+
+    # -- setup -----------------------------------------------------------------------------
+    def _bind(self, sock: zmq.Socket, port: int) -> int:
+        sock.bind(f"tcp://{self._bind_host}:{port if port else '*'}")
+        return split_tcp_address(sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("[", "").replace("]", ""))[1]
+
+    def _bind_sockets(self) -> None:
+        router = self._router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
+        router.setsockopt(zmq.SNDHWM, _ROUTER_HWM)
+        router.setsockopt(zmq.RCVHWM, _ROUTER_HWM)
+        router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        router.linger = 0
+        port = self._bind(router, self._port)
+        self.address = f"tcp://{_reachable_host(self._host)}:{port}"
+
+        if self._fanout_ports:
+            in_port, out_port = self._fanout_ports
+        elif self._port:
+            in_port, out_port = self._port + 1, self._port + 2
+        else:
+            in_port, out_port = 0, 0
+        xsub = self._xsub = self._ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
+        xsub.setsockopt(zmq.RCVHWM, _FANOUT_HWM)
+        xsub.linger = 0
+        xpub = self._xpub = self._ctx.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
+        xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        xpub.linger = 0
+        self._fanout_info = {
+            "xsub_port": self._bind(xsub, in_port),
+            "xpub_port": self._bind(xpub, out_port),
+            "node_timeout": self.registry.node_timeout,
+        }
+        # Subscribe to everything upstream: every publisher learns at once that its pipe is live.
+        xsub.send(b"\x01")
+        self._ctrl_endpoint = f"inproc://fedstream-broker-ctrl-{id(self)}"
+        self._ctrl = self._ctx.socket(zmq.PAIR)
+        self._ctrl.bind(self._ctrl_endpoint)
+
+    def _close_sockets(self) -> None:
+        for name in ("_router", "_xsub", "_xpub", "_ctrl"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+                setattr(self, name, None)
+
+    # -- fan-out ---------------------------------------------------------------------------
+    def _fanout_loop(self) -> None:
+        try:
+            zmq.proxy_steerable(self._xsub, self._xpub, None, self._ctrl)
+        except zmq.ZMQError as exc:
+            if not self._stop.is_set():
+                log.error("fan-out proxy stopped: %s", exc)
+
+    # -- routing ---------------------------------------------------------------------------
+    def _route_loop(self) -> None:
+        router = self._router
+        assert router is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        next_sweep = monotonic() + _SWEEP_INTERVAL
+        while not self._stop.is_set():
+            if poller.poll(_POLL_MS):
+                for _ in range(_DRAIN_BATCH):
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            now = monotonic()
+            if now >= next_sweep:
+                next_sweep = now + _SWEEP_INTERVAL
+                for entry in self.registry.expire(now):
+                    log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
+                                self.registry.node_timeout)
+
+    def _send(self, frames: list) -> "str | None":
+        """Send without ever blocking; return why it failed, or None."""
+        try:
+            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            return None
+        except zmq.Again:
+            self.stats["dropped_busy"] += 1
+            return "busy"
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.stats["dropped_gone"] += 1
+                return "gone"
+            raise
+
+    def _malformed(self, identity: bytes, why: str) -> None:
+        self.stats["malformed"] += 1
+        log.debug("dropped a malformed message from connection %s: %s", identity.hex(), why)
+
+    def _handle(self, frames: list) -> None:
+        identity = frames[0].bytes
+        if len(frames) < 2 or len(frames[1]) != 2:
+            return self._malformed(identity, "no command frame")
+        cmd = frames[1].bytes
+        now = monotonic()
+        if cmd == proto.SEND:
+            return self._handle_send(identity, frames, now)
+        if cmd == proto.HEARTBEAT:
+            known = self.registry.touch(identity, now) is not None
+            self._send([identity, proto.HEARTBEAT_ACK if known else proto.NOT_REGISTERED])
+            return None
+        if cmd == proto.REGISTER:
+            return self._handle_register(identity, frames, now)
+        if cmd == proto.BYE:
+            entry = self.registry.remove_identity(identity)
+            if entry is not None:
+                log.info("node '%s' left", entry.fqcn)
+            return None
+        return self._malformed(identity, f"unknown command {cmd!r}")
+
+    def _handle_register(self, identity: bytes, frames: list, now: float) -> None:
+        if len(frames) != 4:
+            return self._malformed(identity, "register needs a name and a hello frame")
+        try:
+            fqcn = frames[2].bytes.decode("ascii")
+            hello = proto.decode_object(frames[3].bytes)
+        except (UnicodeDecodeError, proto.ProtocolError) as exc:
+            return self._malformed(identity, f"bad register frames: {exc}")
+        if hello.get("v") != proto.VERSION:
+            reason = f"protocol version {hello.get('v')!r} is not supported (broker speaks {proto.VERSION})"
+        elif not is_valid_fqcn(fqcn):
+            reason = f"'{fqcn}' is not a valid FQCN"
+        else:
+            reason = self.registry.register(fqcn, identity, now)
+        if reason:
+            log.warning("refused registration of '%s': %s", fqcn, reason)
+            self._send([identity, proto.REGISTERED, proto.REG_ERR, reason.encode()])
+            return None
+        log.info("node '%s' registered (%d connected)", fqcn, len(self.registry))
+        self._send([identity, proto.REGISTERED, proto.REG_OK, proto.encode_json(self._fanout_info)])
+        return None
+
+    def _handle_send(self, identity: bytes, frames: list, now: float) -> None:
+        if len(frames) < 4:
+            return self._malformed(identity, "message needs a destination and a meta frame")
+        destination, meta = frames[2], frames[3]
+        source = self.registry.touch(identity, now)
+        if source is None:
+            self._send([identity, proto.NOT_REGISTERED])
+            self._send([identity, proto.UNDELIVERABLE, destination, meta, b"the sender is not registered"])
+            return None
+        target = self.registry.lookup(destination.bytes.decode("ascii", "replace"))
+        if target is None:
+            reason = f"'{destination.bytes.decode('ascii', 'replace')}' is not connected"
+        else:
+            failure = self._send([target.identity, proto.DELIVER, source.fqcn.encode(), meta, *frames[4:]])
+            if failure is None:
+                self.stats["routed"] += 1
+                return None
+            if failure == "gone":
+                self.registry.remove_identity(target.identity)
+                reason = f"'{target.fqcn}' is not connected"
+            else:
+                reason = f"'{target.fqcn}' is not keeping up (its queue is full)"
+        self.stats["undeliverable"] += 1
+        self._send([identity, proto.UNDELIVERABLE, destination, meta, reason.encode()])
+        return None

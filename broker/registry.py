@@ -1,0 +1,66 @@
+"""Which FQCN is connected on which ROUTER identity, and when it was last heard from."""
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class NodeEntry:
+    fqcn: str
+    identity: bytes
+    last_seen: float
+
+
+class Registry:
+    """Two-way map between FQCNs and connection identities with liveness."""
+
+    def __init__(self, node_timeout: float) -> None:
+        self.node_timeout = node_timeout
+        self._by_fqcn: dict[str, NodeEntry] = {}
+        self._by_identity: dict[bytes, NodeEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_fqcn)
+
+    def register(self, fqcn: str, identity: bytes, now: float) -> "str | None":
+        """Bind `fqcn` to `identity`; return a refusal reason, or None when accepted."""
+        holder = self._by_fqcn.get(fqcn)
+        if holder is not None and holder.identity != identity:
+            if now - holder.last_seen <= self.node_timeout:
+                return f"the name '{fqcn}' is already used by another live node"
+            self.remove_identity(holder.identity)
+        self.remove_identity(identity)
+        entry = NodeEntry(fqcn, identity, now)
+        self._by_fqcn[fqcn] = entry
+        self._by_identity[identity] = entry
+        return None
+
+    def touch(self, identity: bytes, now: float) -> "NodeEntry | None":
+        """Record activity from `identity`; return its entry if it is registered."""
+        entry = self._by_identity.get(identity)
+        if entry is not None:
+            entry.last_seen = now
+        return entry
+
+    def lookup(self, fqcn: str) -> "NodeEntry | None":
+        return self._by_fqcn.get(fqcn)
+
+    def remove_identity(self, identity: bytes) -> "NodeEntry | None":
+        entry = self._by_identity.pop(identity, None)
+        if entry is not None:
+            self._by_fqcn.pop(entry.fqcn, None)
+        return entry
+
+    def expire(self, now: float) -> list[NodeEntry]:
+        """Drop and return the nodes not heard from within the node timeout."""
+        dead = [e for e in self._by_identity.values() if now - e.last_seen > self.node_timeout]
+        for entry in dead:
+            self.remove_identity(entry.identity)
+        return dead
+
+    def names(self) -> list[str]:
+        return sorted(self._by_fqcn)
+
+
+def monotonic() -> float:
+    return time.monotonic()

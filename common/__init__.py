@@ -1,0 +1,31 @@
+"""Pieces shared by the broker and the nodes: names, wire protocol, return codes, errors."""
+
+from common.errors import (
+    BrokerUnreachableError,
+    CellError,
+    FedstreamError,
+    RegistrationError,
+    RemoteError,
+    RequestTimeout,
+    UnreachableError,
+)
+from common.fqcn import validate_fqcn
+from common.rc import DownloadStatus, ReturnCode
+from common.signal import Signal
+from common.sizes import format_size, parse_size
+
+__all__ = [
+    "BrokerUnreachableError",
+    "CellError",
+    "DownloadStatus",
+    "FedstreamError",
+    "RegistrationError",
+    "RemoteError",
+    "RequestTimeout",
+    "ReturnCode",
+    "Signal",
+    "UnreachableError",
+    "format_size",
+    "parse_size",
+    "validate_fqcn",
+]

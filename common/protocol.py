@@ -1,0 +1,71 @@
+"""The wire format between nodes and the broker (see docs/PROTOCOL.md).
+
+Every message on the ROUTER path starts with a 2-byte command frame: the protocol version
+followed by one ASCII operation letter. Headers are JSON; payload frames are raw bytes and
+the broker never looks at them. Nothing here is ever unpickled.
+"""
+
+import json
+from typing import Any
+
+VERSION = 1
+
+# node -> broker
+REGISTER = bytes([VERSION]) + b"R"  # [cmd, fqcn, hello-json]
+HEARTBEAT = bytes([VERSION]) + b"H"  # [cmd]
+SEND = bytes([VERSION]) + b"M"  # [cmd, destination fqcn, meta-json, payload...]
+BYE = bytes([VERSION]) + b"B"  # [cmd]
+
+# broker -> node
+REGISTERED = bytes([VERSION]) + b"r"  # [cmd, b"ok", info-json] or [cmd, b"err", reason]
+HEARTBEAT_ACK = bytes([VERSION]) + b"h"  # [cmd]
+DELIVER = bytes([VERSION]) + b"M"  # [cmd, source fqcn, meta-json, payload...]
+UNDELIVERABLE = bytes([VERSION]) + b"U"  # [cmd, destination fqcn, meta-json, reason]
+NOT_REGISTERED = bytes([VERSION]) + b"N"  # [cmd]
+
+REG_OK = b"ok"
+REG_ERR = b"err"
+
+# Largest message the broker or a Cell accepts from a peer.
+MAX_MESSAGE_SIZE = 80 * 1024 * 1024
+# Largest header (JSON) a Cell accepts.
+MAX_HEADER_SIZE = 64 * 1024
+
+# Push data path: fixed-length stream ids are the PUB/SUB topics.
+STREAM_ID_LENGTH = 16
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow the wire format."""
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode a header as compact UTF-8 JSON."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_json(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> Any:
+    """Decode a JSON header; raise ProtocolError if it is too large or malformed."""
+    if len(data) > limit:
+        raise ProtocolError(f"header of {len(data)} bytes exceeds the {limit}-byte limit")
+    try:
+        return json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"malformed JSON header: {exc}") from None
+
+
+def decode_object(data: "bytes | memoryview") -> dict:
+    """Decode a JSON header that must be an object."""
+    value = decode_json(data)
+    if not isinstance(value, dict):
+        raise ProtocolError("header is not a JSON object")
+    return value
+
+
+def is_json_compatible(value: Any) -> bool:
+    """Tell whether `value` survives a JSON round trip."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
