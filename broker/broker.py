@@ -20,7 +20,7 @@ _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
 _FANOUT_HWM = 1000
-_ROUTER_HWM = 1000
+_ROUTER_HWM = 128  # per peer; at 1 MiB chunks this bounds a stuck peer's queue to 128 MiB
 
 
 def split_tcp_address(address: str) -> tuple[str, int]:

@@ -35,6 +35,8 @@ KIND_ONE_WAY = "ff"
 DEFAULT_HEARTBEAT = 1.0
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
+_REGISTER_RETRY = 0.1  # seconds between registration attempts while not registered
+_WAKE = b""  # posted to the I/O thread to make it look at the stop flag
 
 
 class PendingRequest:
@@ -140,6 +142,11 @@ class Cell:
             except Exception:  # a hook must not prevent the cell from stopping
                 log.exception("stop hook of cell '%s' failed", self.fqcn)
         self._stop.set()
+        with self._send_lock:
+            try:
+                self._out_push.send(_WAKE, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
         self._thread.join(5.0)
         self._thread = None
         if self._executor is not None:
@@ -300,7 +307,7 @@ class Cell:
         poller.register(self._out_pull, zmq.POLLIN)
         self._register_with_broker()
         last_heard = time.monotonic()
-        next_beat = last_heard + self._hb_interval
+        next_beat = last_heard + _REGISTER_RETRY
         while not self._stop.is_set():
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
             events = dict(poller.poll(min(timeout_ms, 200)))
@@ -310,7 +317,8 @@ class Cell:
                         frames = self._out_pull.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._to_broker(frames)
+                    if len(frames) > 1 or len(frames[0]):
+                        self._to_broker(frames)
             if self._dealer in events:
                 for _ in range(256):
                     try:
@@ -321,14 +329,15 @@ class Cell:
                     self._from_broker(frames)
             now = time.monotonic()
             if now >= next_beat:
-                next_beat = now + self._hb_interval
                 if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._hb_interval:
                     log.warning("cell '%s' lost the broker at %s; reconnecting", self.fqcn, self.broker)
                     self._registered.clear()
                 if self._registered.is_set():
                     self._to_broker([proto.HEARTBEAT])
+                    next_beat = now + self._hb_interval
                 else:
                     self._register_with_broker()
+                    next_beat = now + min(_REGISTER_RETRY, self._hb_interval)
         if self._registered.is_set():
             self._to_broker([proto.BYE])
 

@@ -1,0 +1,226 @@
+"""Broker and Cell: routing, registration, failure handling, all across real processes."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import zmq
+
+from common import protocol as proto
+from common.errors import RegistrationError, RemoteError, UnreachableError
+from nodes import Cell, FLContext
+from tests.procs import wait_until
+
+ECHO_CELL = """
+import sys, time
+from nodes import Cell
+
+def echo(message):
+    payload = message.payload
+    if isinstance(payload, bytes):
+        payload = payload.decode()
+    return {"source": message.source, "topic": message.topic, "payload": payload,
+            "headers": message.headers}
+
+cell = Cell(sys.argv[1], sys.argv[2])
+cell.register_request_cb("test", "*", echo)
+cell.start()
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def start_echo(procs, name, address):
+    proc = procs.python(ECHO_CELL, name, address)
+    proc.expect("ready")
+    return proc
+
+
+@pytest.fixture
+def cell(broker_address):
+    with Cell("tester", broker_address) as c:
+        yield c
+
+
+def test_request_reply_round_trip_between_processes(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    reply = cell.send_request("test", "ping", "site-1", {"n": 1}, timeout=10)
+    assert reply == {"source": "tester", "topic": "ping", "payload": {"n": 1}, "headers": {}}
+    assert cell.send_request("test", "raw", "site-1", b"bytes", timeout=10)["payload"] == "bytes"
+
+
+def test_fire_and_forget_reaches_every_target(broker_address, cell):
+    got = []
+    with Cell("site-a", broker_address) as a, Cell("site-b", broker_address) as b:
+        for c in (a, b):
+            c.register_request_cb("test", "note", lambda m, c=c: got.append((c.fqcn, m.source, m.payload)))
+        cell.fire_and_forget("test", "note", ["site-a", "site-b"], {"x": 1})
+        wait_until(lambda: len(got) == 2, 10)
+    assert sorted(got) == [("site-a", "tester", {"x": 1}), ("site-b", "tester", {"x": 1})]
+
+
+def test_unreachable_target_fails_at_once_not_by_timeout(cell):
+    with pytest.raises(UnreachableError, match="'site-9' is not connected"):
+        cell.send_request("test", "ping", "site-9", b"x", timeout=60)
+
+
+def test_missing_handler_is_an_immediate_error(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    with pytest.raises(RemoteError, match="no handler for channel 'other'"):
+        cell.send_request("other", "ping", "site-1", b"x", timeout=60)
+
+
+def test_duplicate_fqcn_is_refused_with_a_clear_error(procs, broker_address):
+    start_echo(procs, "site-1", broker_address)
+    with pytest.raises(RegistrationError, match="'site-1' is already used by another live node"):
+        Cell("site-1", broker_address).start(timeout=10)
+
+
+def test_name_is_free_again_after_a_clean_stop(broker_address):
+    Cell("site-1", broker_address).start().stop()
+    Cell("site-1", broker_address).start().stop()
+
+
+def _raw_dealer(ctx, address):
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.rcvtimeo = 10_000
+    sock.connect(address)
+    return sock
+
+
+def test_source_cannot_be_spoofed(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    ctx = zmq.Context()
+    try:
+        mallory = _raw_dealer(ctx, broker_address)
+        mallory.send_multipart([proto.REGISTER, b"mallory", proto.encode_json({"v": proto.VERSION})])
+        assert mallory.recv_multipart()[:2] == [proto.REGISTERED, proto.REG_OK]
+        forged = {"k": "req", "id": 7, "ch": "test", "tp": "ping", "pt": "n",
+                  "src": "tester", "h": {"source": "tester"}}
+        mallory.send_multipart([proto.SEND, b"site-1", proto.encode_json(forged)])
+        cmd, source, meta, payload = mallory.recv_multipart()
+        assert (cmd, source) == (proto.DELIVER, b"site-1")
+        assert proto.decode_json(payload)["source"] == "mallory"
+
+        # An unregistered connection cannot send at all.
+        stranger = _raw_dealer(ctx, broker_address)
+        stranger.send_multipart([proto.SEND, b"site-1", proto.encode_json(forged)])
+        answers = [stranger.recv_multipart(), stranger.recv_multipart()]
+        assert [proto.NOT_REGISTERED] in answers
+        assert any(a[0] == proto.UNDELIVERABLE and b"not registered" in a[3] for a in answers)
+    finally:
+        ctx.destroy(linger=0)
+    assert cell.send_request("test", "ping", "site-1", None, timeout=10)["source"] == "tester"
+
+
+def test_garbage_sent_to_the_broker_leaves_it_serving(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    host, port = broker_address.rsplit("/", 1)[1].split(":")
+    for junk in (b"\x00" * 64, os.urandom(4096), b"GET / HTTP/1.1\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(junk)
+    ctx = zmq.Context()
+    try:
+        bad = _raw_dealer(ctx, broker_address)
+        for frames in ([b""], [b"\x09Z"], [b"toolong"], [proto.REGISTER, b"x"],
+                       [proto.REGISTER, b"bad name!", b"{}"], [proto.REGISTER, b"ok", b"not json"],
+                       [proto.SEND], [proto.SEND, b"site-1"], [proto.HEARTBEAT, b"extra"]):
+            bad.send_multipart(frames)
+        bad.send_multipart([proto.REGISTER, b"evil", b"{\"v\": 99}"])
+        cmd, status, reason = bad.recv_multipart()
+        assert (cmd, status) == (proto.REGISTERED, proto.REG_ERR) and b"version" in reason
+    finally:
+        ctx.destroy(linger=0)
+    assert cell.send_request("test", "ping", "site-1", {"still": "ok"}, timeout=10)["payload"] == {"still": "ok"}
+
+
+def test_a_peer_that_never_reads_does_not_stall_others(procs, broker_address, cell):
+    stuck = start_echo(procs, "stuck", broker_address)
+    start_echo(procs, "site-1", broker_address)
+    stuck.signal(signal.SIGSTOP)
+    blob = os.urandom(256 * 1024)
+    done = threading.Event()
+
+    def flood():
+        for _ in range(2000):  # 500 MiB aimed at a process that reads nothing
+            cell.fire_and_forget("test", "flood", "stuck", blob)
+        done.set()
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    for i in range(50):
+        assert cell.send_request("test", "ping", "site-1", {"i": i}, timeout=10)["payload"] == {"i": i}
+    assert done.wait(60), "sending to a stuck peer blocked the sender"
+    stuck.signal(signal.SIGCONT)
+
+
+def free_port_triplet() -> int:
+    """A port p such that p, p+1 and p+2 are free on loopback (the broker and its fan-out)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port > 65000:
+            continue
+        try:
+            for extra in (1, 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + extra))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no three consecutive free ports")
+
+
+def test_broker_restart_heals_without_restarting_cells(procs):
+    address = f"tcp://127.0.0.1:{free_port_triplet()}"
+    first = procs.fedstream("broker", "--bind", address)
+    first.expect("tcp://")
+    start_echo(procs, "site-1", address)
+    with Cell("tester", address) as cell:
+        assert cell.send_request("test", "ping", "site-1", 1, timeout=10)["payload"] == 1
+        first.kill()
+        second = procs.fedstream("broker", "--bind", address)
+        second.expect("tcp://")
+
+        def round_trip():
+            try:
+                return cell.send_request("test", "ping", "site-1", 2, timeout=2)["payload"] == 2
+            except Exception:
+                return False
+
+        wait_until(round_trip, 30, interval=0.2)
+        assert cell.is_registered
+
+
+def test_expired_node_becomes_unreachable(procs):
+    broker, address = procs.broker("--node-timeout", "1")
+    echo = start_echo(procs, "site-1", address)
+    with Cell("tester", address) as cell:
+        echo.signal(signal.SIGSTOP)
+
+        def unreachable():
+            try:
+                cell.send_request("test", "ping", "site-1", 1, timeout=0.5)
+            except UnreachableError:
+                return True
+            except Exception:
+                return False
+            return False
+
+        wait_until(unreachable, 15, interval=0.2)
+        echo.signal(signal.SIGCONT)
+        # The node notices it was forgotten and registers again by itself.
+        wait_until(lambda: not unreachable(), 15, interval=0.2)
+
+
+def test_fl_context_exposes_the_cell(broker_address):
+    cell = Cell("site-1", broker_address)
+    ctx = FLContext(cell)
+    assert ctx.get_engine().get_cell() is cell
+    assert ctx.get_identity_name() == "site-1"
