@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+from collections import deque
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +94,7 @@ class Cell:
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._stop_hooks: list[Callable[[], None]] = []
+        self._backlog: deque = deque()  # messages the broker connection could not take yet
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "Cell":
@@ -284,9 +286,29 @@ class Cell:
 
     # -- I/O thread ------------------------------------------------------------------------
     def _to_broker(self, frames: list) -> None:
+        """Send now, or keep the message in order until the connection has room."""
+        if self._backlog:
+            self._backlog.append(frames)
+            return
         try:
             self._dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
+            if self._registered.is_set():
+                self._backlog.append(frames)
+            else:
+                self._undeliverable_locally(frames)
+
+    def _flush_backlog(self) -> None:
+        while self._backlog:
+            try:
+                self._dealer.send_multipart(self._backlog[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._backlog.popleft()
+
+    def _drop_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, deque()
+        for frames in backlog:
             self._undeliverable_locally(frames)
 
     def _undeliverable_locally(self, frames: list) -> None:
@@ -303,15 +325,18 @@ class Cell:
 
     def _io_loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._dealer, zmq.POLLIN)
-        poller.register(self._out_pull, zmq.POLLIN)
         self._register_with_broker()
         last_heard = time.monotonic()
         next_beat = last_heard + _REGISTER_RETRY
         while not self._stop.is_set():
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+            # While the connection is full, stop taking new messages: senders feel backpressure.
+            poller.register(self._dealer, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
+            poller.register(self._out_pull, 0 if self._backlog else zmq.POLLIN)
             events = dict(poller.poll(min(timeout_ms, 200)))
-            if self._out_pull in events:
+            if self._backlog and events.get(self._dealer, 0) & zmq.POLLOUT:
+                self._flush_backlog()
+            if events.get(self._out_pull, 0) & zmq.POLLIN:
                 for _ in range(256):
                     try:
                         frames = self._out_pull.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -319,7 +344,9 @@ class Cell:
                         break
                     if len(frames) > 1 or len(frames[0]):
                         self._to_broker(frames)
-            if self._dealer in events:
+                    if self._backlog:
+                        break
+            if events.get(self._dealer, 0) & zmq.POLLIN:
                 for _ in range(256):
                     try:
                         frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -332,6 +359,7 @@ class Cell:
                 if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._hb_interval:
                     log.warning("cell '%s' lost the broker at %s; reconnecting", self.fqcn, self.broker)
                     self._registered.clear()
+                    self._drop_backlog()
                 if self._registered.is_set():
                     self._to_broker([proto.HEARTBEAT])
                     next_beat = now + self._hb_interval
