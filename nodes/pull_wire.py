@@ -1,0 +1,48 @@
+"""What the owner and the recipients of a pull (FileDownloader / download_file) say to each other.
+
+Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
+
+- TOPIC_OPEN  {ref}                 -> {name, size, alg}
+- TOPIC_CHUNK {ref, off, len}       -> raw bytes [off, off+len) clipped to the file size (empty at EOF)
+- TOPIC_DONE  {ref, digest, alg, wait} -> {ok, digest, alg}; the owner compares the recipient's digest
+  with its own and reports the recipient's success. {ref, gave_up: true} (one-way) reports a give-up.
+
+A failed request is answered with headers {err: <code>, msg: <sentence>} and no payload.
+"""
+
+import re
+import secrets
+
+CHANNEL = "__fedstream_pull__"
+TOPIC_OPEN = "open"
+TOPIC_CHUNK = "chunk"
+TOPIC_DONE = "done"
+
+# error codes in the "err" reply header
+ERR_UNKNOWN_REF = "unknown_ref"  # no live transaction on this owner has that RID
+ERR_CHANGED = "changed"  # the source file changed since it was added
+ERR_BAD_REQUEST = "bad_request"  # malformed request headers
+ERR_IO = "io"  # the owner could not read its file
+ERR_PENDING = "pending"  # the owner's digest is not ready yet: ask again
+
+UNKNOWN_REF_MESSAGE = "unknown or expired reference"
+
+DEFAULT_WINDOW = 8  # chunk requests a recipient keeps in flight
+
+_ID_BYTES = 16  # 128 random bits
+_REF_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,128}")
+
+
+def new_id() -> str:
+    """A fresh, unguessable id (128 random bits, 32 hex digits)."""
+    return secrets.token_hex(_ID_BYTES)
+
+
+def is_valid_ref(ref: object) -> bool:
+    """Tell whether `ref` looks like a RID (and is therefore safe inside a file name)."""
+    return isinstance(ref, str) and _REF_PATTERN.fullmatch(ref) is not None
+
+
+def error_headers(code: str, message: str) -> dict:
+    """Reply headers of a failed request."""
+    return {"err": code, "msg": message}
