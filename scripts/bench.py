@@ -1,0 +1,537 @@
+#!/usr/bin/env python3
+"""Benchmark fedstream against bare-ZeroMQ baselines run in the same process tree.
+
+Every party is its own process on 127.0.0.1. Baselines do the same file read and write as
+fedstream (same source file, same destination file system):
+
+  bare relay N   DEALER -> ROUTER -> DEALER through a relay process, 8-chunk credit window,
+                 the sender reading each chunk once and sending N unicast copies;
+  bare fan-out N one XPUB (NODROP) feeding N SUB processes directly.
+
+fedstream runs: pull by 1 and N recipients, push to 1 and N recipients, through a
+`fedstream broker` process. Printed: MB/s, ratios to the matching baseline, peak RSS of
+every process, and what the push owner sent over the network relative to the file size.
+
+    python scripts/bench.py              # 1 GiB, 4 recipients
+    python scripts/bench.py --quick      # 64 MiB smoke run
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import zmq  # noqa: E402
+
+from common.digest import file_digest  # noqa: E402
+from common.sizes import format_size, parse_size  # noqa: E402
+from nodes.procstats import io_counters, peak_rss  # noqa: E402
+
+CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
+MB = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# child process roles
+# --------------------------------------------------------------------------------------------
+def report(**fields) -> None:
+    """Print the result line a coordinator reads, with this process's peak RSS and I/O."""
+    fields.update(rss=peak_rss(), io=io_counters())
+    print("RESULT " + json.dumps(fields), flush=True)
+
+
+def wait_for_term() -> None:
+    """Sleep until SIGTERM/SIGINT, then report and exit."""
+    signal.signal(signal.SIGTERM, lambda *_: (report(), sys.exit(0)))
+    signal.signal(signal.SIGINT, lambda *_: (report(), sys.exit(0)))
+    while True:
+        time.sleep(1)
+
+
+def role_relay(_args) -> None:
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    print(f"PORT {port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (report(), os._exit(0)))
+    waiting: dict = {}  # messages for peers that have not said hello yet
+    while True:
+        sender, target, *rest = router.recv_multipart(copy=False)
+        if target.bytes == b"relay":
+            for frames in waiting.pop(sender.bytes, []):
+                router.send_multipart(frames, copy=False)
+            continue
+        frames = [target, sender, *rest]
+        try:
+            router.send_multipart(frames, copy=False)
+        except zmq.ZMQError:
+            waiting.setdefault(target.bytes, []).append(frames)
+
+
+def role_relay_recv(args) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, args.name.encode())
+    sock.connect(args.connect)
+    fd = os.open(args.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for _ in range(CREDIT_WINDOW):
+        sock.send_multipart([b"send", b"credit"])
+    started, received = None, 0
+    while True:
+        _sender, header, data = sock.recv_multipart(copy=False)
+        if started is None:
+            started = time.time()
+        (offset,) = struct.unpack("!q", header.buffer)
+        if offset < 0:
+            break
+        os.pwrite(fd, data.buffer, offset)
+        received += len(data)
+        sock.send_multipart([b"send", b"credit"])
+    os.close(fd)
+    report(start=started, end=time.time(), bytes=received)
+
+
+def role_relay_send(args) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"send")
+    sock.connect(args.connect)
+    sock.send_multipart([b"relay", b"hello"])
+    targets = [t.encode() for t in args.targets.split(",")]
+    credit = dict.fromkeys(targets, 0)
+    while min(credit.values()) < CREDIT_WINDOW:  # every receiver is connected and ready
+        source, _ = sock.recv_multipart()
+        credit[source] += 1
+    started = time.time()
+    fd = os.open(args.file, os.O_RDONLY)
+    offset = 0
+    while True:
+        data = os.read(fd, args.chunk_size)
+        if not data:
+            break
+        header = struct.pack("!q", offset)
+        for target in targets:
+            while credit[target] == 0:
+                source, _ = sock.recv_multipart()
+                credit[source] += 1
+            credit[target] -= 1
+            sock.send_multipart([target, header, data], copy=False)
+        offset += len(data)
+    for target in targets:
+        sock.send_multipart([target, struct.pack("!q", -1), b""])
+    os.close(fd)
+    report(start=started, end=time.time(), bytes=offset)
+    sock.close(linger=-1)
+
+
+def role_fan_pub(args) -> None:
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.XPUB_NODROP, 1)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+    pub.setsockopt(zmq.SNDHWM, 16)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    print(f"PORT {port}", flush=True)
+    for _ in range(args.count):  # one subscription message per subscriber
+        pub.recv()
+    started = time.time()
+    fd = os.open(args.file, os.O_RDONLY)
+    offset = 0
+    while True:
+        data = os.read(fd, args.chunk_size)
+        if not data:
+            break
+        pub.send_multipart([b"s", struct.pack("!q", offset), data], copy=False)
+        offset += len(data)
+    pub.send_multipart([b"s", struct.pack("!q", -1), b""])
+    os.close(fd)
+    report(start=started, end=time.time(), bytes=offset)
+    pub.close(linger=-1)
+
+
+def role_fan_sub(args) -> None:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 16)
+    sub.connect(args.connect)
+    sub.setsockopt(zmq.SUBSCRIBE, b"s")
+    fd = os.open(args.dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    received = 0
+    while True:
+        _topic, header, data = sub.recv_multipart(copy=False)
+        (offset,) = struct.unpack("!q", header.buffer)
+        if offset < 0:
+            break
+        os.pwrite(fd, data.buffer, offset)
+        received += len(data)
+    os.close(fd)
+    report(end=time.time(), bytes=received)
+
+
+def role_pull_owner(args) -> None:
+    import threading
+
+    from nodes import Cell, FileDownloader
+
+    finished = []
+    all_done = threading.Event()
+
+    def downloaded(ref_id, to_site, status, file_name):
+        finished.append((to_site, str(status)))
+        if len(finished) == args.count:
+            all_done.set()
+
+    with Cell("server", args.connect) as cell:
+        tx = FileDownloader.new_transaction(cell, timeout=60.0, timeout_cb=lambda *a, **k: all_done.set())
+        ref_id = FileDownloader.add_file(tx, args.file, file_downloaded_cb=downloaded)
+        print(f"RID {ref_id}", flush=True)
+        all_done.wait(3600)
+        FileDownloader.delete_transaction(tx)
+    report(statuses=finished)
+
+
+def role_pull_recv(args) -> None:
+    from nodes import Cell, download_file
+
+    with Cell(args.name, args.connect) as cell:
+        started = time.time()
+        error, path = download_file("server", args.ref, 30.0, cell, location=args.dest)
+        ended = time.time()
+    report(start=started, end=ended, error=error, path=path)
+
+
+def role_push_recv(args) -> None:
+    import threading
+
+    from nodes import Cell, FileStreamer, FLContext
+
+    done = threading.Event()
+    outcome: dict = {}
+
+    def stream_done(stream_ctx, fl_ctx):
+        outcome.update(end=time.time(), rc=str(FileStreamer.get_rc(stream_ctx)),
+                       path=FileStreamer.get_file_location(stream_ctx))
+        done.set()
+
+    with Cell(args.name, args.connect) as cell:
+        FileStreamer.register_stream_processing(FLContext(cell), "bench", "file", dest_dir=args.dest,
+                                                stream_done_cb=stream_done)
+        print("READY", flush=True)
+        done.wait(3600)
+    report(**outcome)
+
+
+def role_push_owner(args) -> None:
+    from nodes import Cell, FileStreamer, FLContext
+
+    with Cell("server", args.connect) as cell:
+        targets = args.targets.split(",")
+        started = time.time()
+        rc, ok = FileStreamer.stream_file("bench", "file", {}, targets, args.file, FLContext(cell),
+                                          chunk_size=args.chunk_size)
+        ended = time.time()
+        sent = io_counters().get("wchar", 0)
+    report(start=started, end=ended, rc=str(rc), ok=ok, sent=sent)
+
+
+ROLES = {
+    "relay": role_relay, "relay-recv": role_relay_recv, "relay-send": role_relay_send,
+    "fan-pub": role_fan_pub, "fan-sub": role_fan_sub,
+    "pull-owner": role_pull_owner, "pull-recv": role_pull_recv,
+    "push-owner": role_push_owner, "push-recv": role_push_recv,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# coordinator
+# --------------------------------------------------------------------------------------------
+class Child:
+    """A role running in its own process."""
+
+    def __init__(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> None:
+        self.label = label
+        argv = cmd or [sys.executable, __file__, "--role", role, *args]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        self.result: dict = {}
+
+    def line(self, prefix: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"{self.label} did not print {prefix!r} (exit code {self.proc.poll()})")
+
+    def finish(self, timeout: float = 3600.0) -> dict:
+        self.result = json.loads(self.line("RESULT ", timeout))
+        self.proc.wait(30)
+        return self.result
+
+    def stop(self) -> dict:
+        """Read a long-running process's peak RSS, then terminate it."""
+        rss = peak_rss(self.proc.pid)
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.result = {"rss": rss}
+        return self.result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Run:
+    """One measured transfer: its processes, outcome and figures."""
+
+    def __init__(self, name: str, recipients: int) -> None:
+        self.name = name
+        self.recipients = recipients
+        self.children: list[Child] = []
+        self.seconds = 0.0
+        self.mbps = 0.0
+        self.verified = False
+        self.notes: list[str] = []
+
+    def start(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> Child:
+        child = Child(label, role, *args, cmd=cmd)
+        self.children.append(child)
+        return child
+
+    def close(self) -> None:
+        for child in self.children:
+            child.kill()
+
+    def rss_summary(self) -> str:
+        parts = [f"{c.label} {c.result['rss'] / 2**20:.0f}" for c in self.children if c.result.get("rss")]
+        return ", ".join(parts)
+
+    def max_rss(self) -> int:
+        return max((c.result.get("rss") or 0) for c in self.children)
+
+
+class Bench:
+    def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path) -> None:
+        self.size = size
+        self.recipients = recipients
+        self.chunk_size = chunk_size
+        self.workdir = workdir
+        self.source = workdir / "source.bin"
+        self.digest = ""
+        self.runs: dict[str, Run] = {}
+
+    def make_source(self) -> None:
+        block = 1 << 20
+        with open(self.source, "wb") as out:
+            remaining = self.size
+            while remaining:
+                n = min(block, remaining)
+                out.write(os.urandom(n))
+                remaining -= n
+        self.digest = file_digest(str(self.source))
+
+    def dest(self, run: str, site: str) -> Path:
+        path = self.workdir / run / site
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def verify(self, run: Run, paths: list) -> None:
+        good = [p for p in paths if p and os.path.getsize(p) == self.size and file_digest(str(p)) == self.digest]
+        run.verified = len(good) == run.recipients
+        if not run.verified:
+            run.notes.append(f"only {len(good)} of {run.recipients} copies verified")
+        shutil.rmtree(self.workdir / run.name, ignore_errors=True)
+
+    def finish(self, run: Run, start: float, end: float) -> None:
+        run.seconds = max(end - start, 1e-9)
+        run.mbps = self.size * run.recipients / run.seconds / MB
+        self.runs[run.name] = run
+
+    # -- baselines -----------------------------------------------------------------------
+    def bare_relay(self, n: int) -> Run:
+        run = Run(f"bare relay {n}", n)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            names = [f"recv{i}" for i in range(n)]
+            dests = [self.dest(run.name, name) / "copy.bin" for name in names]
+            receivers = [run.start(name, "relay-recv", "--connect", address, "--name", name, "--dest", str(d))
+                         for name, d in zip(names, dests)]
+            sender = run.start("sender", "relay-send", "--connect", address, "--targets", ",".join(names),
+                               "--file", str(self.source), "--chunk-size", str(self.chunk_size))
+            sent = sender.finish()
+            ends = [r.finish()["end"] for r in receivers]
+            relay.stop()
+            self.finish(run, sent["start"], max(ends))
+            self.verify(run, dests)
+        finally:
+            run.close()
+        return run
+
+    def bare_fanout(self, n: int) -> Run:
+        run = Run(f"bare fan-out {n}", n)
+        try:
+            pub = run.start("publisher", "fan-pub", "--file", str(self.source), "--count", str(n),
+                            "--chunk-size", str(self.chunk_size))
+            address = f"tcp://127.0.0.1:{pub.line('PORT ')}"
+            dests = [self.dest(run.name, f"sub{i}") / "copy.bin" for i in range(n)]
+            subs = [run.start(f"sub{i}", "fan-sub", "--connect", address, "--dest", str(d))
+                    for i, d in enumerate(dests)]
+            published = pub.finish()
+            ends = [s.finish()["end"] for s in subs]
+            self.finish(run, published["start"], max(ends))
+            self.verify(run, dests)
+        finally:
+            run.close()
+        return run
+
+    # -- fedstream -----------------------------------------------------------------------
+    def pull(self, n: int) -> Run:
+        run = Run(f"pull {n}", n)
+        try:
+            broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
+                                                   "tcp://127.0.0.1:0"])
+            address = "tcp://" + broker.line("tcp://", 30)
+            owner = run.start("owner", "pull-owner", "--connect", address, "--file", str(self.source),
+                              "--count", str(n))
+            ref = owner.line("RID ")
+            names = [f"site-{i + 1}" for i in range(n)]
+            receivers = [run.start(name, "pull-recv", "--connect", address, "--name", name, "--ref", ref,
+                                   "--dest", str(self.dest(run.name, name))) for name in names]
+            results = [r.finish() for r in receivers]
+            owner.finish()
+            broker.stop()
+            errors = [r["error"] for r in results if r.get("error")]
+            run.notes.extend(errors)
+            self.finish(run, min(r["start"] for r in results), max(r["end"] for r in results))
+            self.verify(run, [r.get("path") for r in results])
+        finally:
+            run.close()
+        return run
+
+    def push(self, n: int) -> Run:
+        run = Run(f"push {n}", n)
+        try:
+            broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
+                                                   "tcp://127.0.0.1:0"])
+            address = "tcp://" + broker.line("tcp://", 30)
+            names = [f"site-{i + 1}" for i in range(n)]
+            receivers = []
+            for name in names:
+                receiver = run.start(name, "push-recv", "--connect", address, "--name", name,
+                                     "--dest", str(self.dest(run.name, name)))
+                receiver.line("READY")
+                receivers.append(receiver)
+            owner = run.start("owner", "push-owner", "--connect", address, "--targets", ",".join(names),
+                              "--file", str(self.source), "--chunk-size", str(self.chunk_size))
+            sent = owner.finish()
+            results = [r.finish() for r in receivers]
+            broker.stop()
+            if not sent.get("ok"):
+                run.notes.append(f"stream_file returned {sent.get('rc')}")
+            run.notes.append(f"owner sent {sent['sent'] / self.size:.2f}x the file size over the network")
+            self.finish(run, sent["start"], sent["end"])
+            self.verify(run, [r.get("path") for r in results])
+        finally:
+            run.close()
+        return run
+
+
+def ratio(a: Optional[Run], b: Optional[Run], attr: str = "mbps") -> str:
+    if not a or not b or not getattr(b, attr):
+        return "n/a"
+    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
+
+
+def print_report(bench: Bench) -> bool:
+    runs = bench.runs
+    n = bench.recipients
+    print()
+    print(f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
+          f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
+    header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'peak RSS MiB per process'}"
+    print(header)
+    print("-" * len(header))
+    for run in runs.values():
+        print(f"{run.name:<16}{run.mbps:>9.0f}{run.seconds:>9.2f}  {'yes' if run.verified else 'NO':<9}"
+              f"{run.rss_summary()}")
+        for note in run.notes:
+            print(f"{'':<16}  {note}")
+    print()
+    checks = [
+        (f"pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", ratio(runs.get("pull 1"), runs.get("bare relay 1"))),
+        (f"pull {n} vs bare relay {n} (aggregate throughput)", ratio(runs.get(f"pull {n}"), runs.get(f"bare relay {n}"))),
+        (f"push 1 vs bare relay 1 (throughput)", ratio(runs.get("push 1"), runs.get("bare relay 1"))),
+        (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)",
+         ratio(runs.get(f"push {n}"), runs.get(f"bare relay {n}"))),
+        (f"push {n} vs bare fan-out {n} (aggregate throughput)",
+         ratio(runs.get(f"push {n}"), runs.get(f"bare fan-out {n}"))),
+        (f"push {n} wall time vs push 1 (budget <= 1.5x)",
+         ratio(runs.get(f"push {n}"), runs.get("push 1"), "seconds")),
+    ]
+    for label, value in checks:
+        print(f"{label:<70}{value:>8}")
+    peak = max((run.max_rss() for run in runs.values() if run.name.startswith(("pull", "push"))), default=0)
+    print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>7.0f}M")
+    return all(run.verified for run in runs.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1G", help="file size (default 1G)")
+    parser.add_argument("--quick", action="store_true", help="64 MiB smoke run")
+    parser.add_argument("--recipients", type=int, default=4)
+    parser.add_argument("--chunk-size", default="1M")
+    parser.add_argument("--workdir", help="where to put the files (default: a temp dir, removed)")
+    # child roles
+    parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
+    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref"):
+        parser.add_argument(flag, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.chunk_size = parse_size(args.chunk_size)
+    if args.role:
+        ROLES[args.role](args)
+        return 0
+
+    size = parse_size("64M") if args.quick else parse_size(args.size)
+    workdir = Path(tempfile.mkdtemp(prefix="fedstream-bench-", dir=args.workdir))
+    try:
+        bench = Bench(size, args.recipients, args.chunk_size, workdir)
+        print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
+        bench.make_source()
+        n = args.recipients
+        plan = [("bare relay 1", lambda: bench.bare_relay(1)), ("pull 1", lambda: bench.pull(1)),
+                ("push 1", lambda: bench.push(1)), (f"bare relay {n}", lambda: bench.bare_relay(n)),
+                (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
+                (f"push {n}", lambda: bench.push(n))]
+        for name, step in plan:
+            print(f"running {name} ...", flush=True)
+            run = step()
+            print(f"  {run.mbps:.0f} MB/s in {run.seconds:.2f} s, verified: {run.verified}", flush=True)
+        return 0 if print_report(bench) else 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
