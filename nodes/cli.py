@@ -74,3 +74,6 @@ def broker_command(bind: str, node_timeout: float, verbose: int) -> None:
         wait_for_termination(threading.Event())
     finally:
         broker.stop()
+
+
+from nodes import cli_node, cli_simulate  # noqa: E402,F401  (registers their commands)

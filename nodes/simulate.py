@@ -1,0 +1,290 @@
+"""A whole federation on one machine: broker, server and sites as processes, push and pull."""
+
+import hashlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from common.sizes import format_size
+from nodes.procstats import peak_rss
+
+SERVER = "server"
+MB = 1_000_000
+_START_TIMEOUT = 30.0
+_REPORT_GRACE = 5.0  # seconds to wait for sites' reports after the owner command ended
+_OWNER_TIMEOUT = 60.0  # seconds the owner command may run after every site reported
+
+
+class SimulationError(Exception):
+    """The simulation could not complete; the message says why."""
+
+
+class Process:
+    """A fedstream command running as a child process, with its stdout read in the background."""
+
+    def __init__(self, label: str, args: list[str], log_path: str) -> None:
+        self.label = label
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen([sys.executable, "-m", "nodes", *args], stdout=subprocess.PIPE,
+                                      stderr=self._log, text=True, start_new_session=True)
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.peak_rss: Optional[int] = None
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def next_line(self, timeout: float) -> Optional[str]:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def record_rss(self) -> None:
+        """Remember the peak RSS while the process is alive."""
+        value = peak_rss(self.pid)
+        if value is not None:
+            self.peak_rss = max(self.peak_rss or 0, value)
+
+    def poll(self) -> Optional[int]:
+        """Exit code if the process ended (keeping its peak RSS from its resource usage), else None."""
+        if self.popen.returncode is not None:
+            return self.popen.returncode
+        self.record_rss()
+        pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+        if not pid:
+            return None
+        self.peak_rss = max(self.peak_rss or 0, usage.ru_maxrss * 1024)
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        return self.popen.returncode
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit; raise SimulationError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if time.monotonic() > deadline:
+                raise SimulationError(f"{self.label} did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+        return code
+
+    def stop(self) -> None:
+        """Terminate the process group, escalating to SIGKILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.poll() is not None:
+                break
+            try:
+                os.killpg(self.pid, sig)
+                self.wait(5.0)
+            except (ProcessLookupError, SimulationError):
+                continue
+        self._log.close()
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    size: int
+    seconds: float = 0.0
+    verified: dict[str, bool] = field(default_factory=dict)
+    rss: dict[str, Optional[int]] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.verified) and all(self.verified.values())
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_file(path: str, size: int) -> str:
+    """Write `size` random bytes to `path` in 1 MiB pieces; return the sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        remaining = size
+        while remaining:
+            block = os.urandom(min(1 << 20, remaining))
+            digest.update(block)
+            out.write(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+class Simulation:
+    """Runs the federation; `run()` returns one ModeResult per mode."""
+
+    def __init__(self, sites: int, size: int, modes: list[str], chunk_size: int, workdir: str,
+                 say: Callable[[str], None], progress: Callable[[str], None]) -> None:
+        self.sites = [f"site-{i + 1}" for i in range(sites)]
+        self.size = size
+        self.modes = modes
+        self.chunk_size = chunk_size
+        self.workdir = workdir
+        self.say = say
+        self.progress = progress
+        self.processes: list[Process] = []
+        self.nodes: dict[str, Process] = {}
+        self.broker: Optional[Process] = None
+        self.address = ""
+
+    # -- processes -----------------------------------------------------------------------
+    def _spawn(self, label: str, *args: str) -> Process:
+        proc = Process(label, list(args), os.path.join(self.workdir, "logs", f"{label}.log"))
+        self.processes.append(proc)
+        self.say(f"started {label} (pid {proc.pid})")
+        return proc
+
+    def _expect(self, proc: Process, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.next_line(0.1)
+            if line is not None and line.startswith(prefix):
+                return line
+            if line is None and proc.poll() is not None:
+                break
+        raise SimulationError(f"{proc.label} did not start (see {proc.label}.log in {self.workdir}/logs)")
+
+    def start_federation(self) -> None:
+        os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
+        self.broker = self._spawn("broker", "broker", "--bind", "tcp://127.0.0.1:0")
+        self.address = self._expect(self.broker, "tcp://", _START_TIMEOUT)
+        for site in self.sites:
+            recv_dir = os.path.join(self.workdir, site)
+            os.makedirs(recv_dir, exist_ok=True)
+            self.nodes[site] = self._spawn(site, "node", site, "--broker", self.address, "--recv-dir", recv_dir)
+        for site, proc in self.nodes.items():
+            self._expect(proc, "ready", _START_TIMEOUT)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def check_alive(self) -> None:
+        """Fail if the broker or a site died on its own."""
+        for proc in [self.broker, *self.nodes.values()]:
+            if proc is not None and proc.poll() is not None:
+                raise SimulationError(f"{proc.label} (pid {proc.pid}) exited unexpectedly "
+                                      f"with code {proc.popen.returncode}")
+
+    # -- one mode ------------------------------------------------------------------------
+    def _site_bytes(self, site: str, name: str) -> int:
+        folder = os.path.join(self.workdir, site)
+        total = 0
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file() and (entry.name == name or entry.name.endswith(".part")):
+                    total += entry.stat().st_size
+        return min(total, self.size)
+
+    def _report_progress(self, mode: str, name: str, started: float) -> None:
+        done = {site: self._site_bytes(site, name) for site in self.sites}
+        total = sum(done.values())
+        share = total / (self.size * len(self.sites)) if self.size else 1.0
+        rate = total / max(time.monotonic() - started, 1e-6) / MB
+        per_site = "  ".join(f"{site} {100 * n / self.size if self.size else 100:3.0f}%"
+                             for site, n in done.items())
+        self.progress(f"{mode}: {100 * share:5.1f}%  {rate:7.0f} MB/s  {per_site}")
+
+    def run_mode(self, mode: str) -> ModeResult:
+        result = ModeResult(mode, self.size)
+        name = f"{mode}-payload.bin"
+        source = os.path.join(self.workdir, SERVER, name)
+        os.makedirs(os.path.dirname(source), exist_ok=True)
+        self.say(f"{mode}: writing a {format_size(self.size)} test file")
+        expected = make_file(source, self.size)
+        targets = ",".join(self.sites)
+        if mode == "push":
+            args = ["push", source, "--to", targets, "--broker", self.address, "--as", SERVER,
+                    "--chunk-size", str(self.chunk_size), "--quiet"]
+        else:
+            args = ["serve", source, "--broker", self.address, "--as", SERVER, "--announce-to", targets,
+                    "--timeout", "30"]
+        started = time.monotonic()
+        owner = self._spawn(f"{SERVER}-{mode}", *args)
+        received: dict[str, str] = {}
+        failures: list[str] = []
+        next_progress = started
+        owner_done_at: Optional[float] = None
+        while len(received) + len(failures) < len(self.sites):
+            self.check_alive()
+            self._collect(mode, received, failures)
+            now = time.monotonic()
+            if owner_done_at is None and owner.poll() is not None:
+                owner_done_at = now
+            if owner_done_at is not None and now - owner_done_at > _REPORT_GRACE:
+                break
+            if now >= next_progress:
+                self._report_progress(mode, name, started)
+                next_progress = now + 1.0
+            time.sleep(0.05)
+        code = owner.wait(_OWNER_TIMEOUT)
+        result.seconds = time.monotonic() - started
+        self._collect(mode, received, failures)
+        self._report_progress(mode, name, started)
+        for site in self.sites:
+            path = received.get(site)
+            result.verified[site] = bool(path) and os.path.getsize(path) == self.size and sha256_of(path) == expected
+        for proc in (self.broker, owner, *self.nodes.values()):
+            proc.record_rss()
+            result.rss[SERVER if proc is owner else proc.label] = proc.peak_rss
+        if code != 0:
+            result.error = f"the {mode} command exited with code {code}"
+        if failures:
+            result.error = "; ".join(filter(None, [result.error, *failures]))
+        elif not result.error and not all(result.verified.values()):
+            bad = [s for s, ok in result.verified.items() if not ok]
+            result.error = f"sha256 mismatch or missing file at {', '.join(bad)}"
+        return result
+
+    def _collect(self, mode: str, received: dict[str, str], failures: list[str]) -> None:
+        for site, proc in self.nodes.items():
+            while (line := proc.next_line(0)) is not None:
+                fields = line.split("\t")
+                if len(fields) >= 3 and fields[1] == mode and fields[0] == "received":
+                    received[site] = fields[2]
+                elif len(fields) >= 3 and fields[1] == mode and fields[0] == "failed":
+                    failures.append(f"{site} failed to receive {fields[2]}: {' '.join(fields[3:])}")
+
+    def run(self) -> list[ModeResult]:
+        results = []
+        self.start_federation()
+        for mode in self.modes:
+            result = self.run_mode(mode)
+            results.append(result)
+            if not result.ok:
+                break
+        return results
+
+
+def format_table(result: ModeResult, sites: list[str]) -> str:
+    """The per-mode summary table."""
+    total = result.size * len(sites)
+    rate = total / max(result.seconds, 1e-9) / MB
+    lines = [
+        f"{result.mode}: {len(sites)} sites x {format_size(result.size)} = {format_size(total)} "
+        f"in {result.seconds:.2f} s, aggregate {rate:.0f} MB/s",
+        f"  {'process':<10}{'sha256 verified':<17}{'peak RSS':>10}",
+    ]
+    for name, rss in result.rss.items():
+        verified = {True: "yes", False: "NO"}.get(result.verified.get(name), "-") if name in sites else "-"
+        lines.append(f"  {name:<10}{verified:<17}{(format_size(rss) if rss else '?'):>10}")
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    return "\n".join(lines)
