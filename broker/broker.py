@@ -248,6 +248,7 @@ class Broker:
         elif not is_valid_fqcn(fqcn):
             reason = f"'{fqcn}' is not a valid FQCN"
         else:
+            self._forget_if_disconnected(fqcn, identity)
             reason = self.registry.register(fqcn, identity, now)
         if reason:
             log.warning("refused registration of '%s': %s", fqcn, reason)
@@ -256,6 +257,14 @@ class Broker:
         log.info("node '%s' registered (%d connected)", fqcn, len(self.registry))
         self._send([identity, proto.REGISTERED, proto.REG_OK, proto.encode_json(self._fanout_info)])
         return None
+
+    def _forget_if_disconnected(self, fqcn: str, identity: bytes) -> None:
+        """Free a name whose holder's connection is gone (e.g. its process was killed)."""
+        holder = self.registry.lookup(fqcn)
+        if holder is not None and holder.identity != identity:
+            if self._send([holder.identity, proto.HEARTBEAT_ACK]) == "gone":
+                log.info("node '%s' is gone; its name is free", fqcn)
+                self.registry.remove_identity(holder.identity)
 
     def _handle_send(self, identity: bytes, frames: list, now: float) -> None:
         if len(frames) < 4:

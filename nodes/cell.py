@@ -365,7 +365,8 @@ class Cell:
                     next_beat = now + self._hb_interval
                 else:
                     self._register_with_broker()
-                    next_beat = now + min(_REGISTER_RETRY, self._hb_interval)
+                    retry = self._hb_interval if self._reg_reason else _REGISTER_RETRY
+                    next_beat = now + min(retry, self._hb_interval)
         if self._registered.is_set():
             self._to_broker([proto.BYE])
 
@@ -394,13 +395,16 @@ class Cell:
     def _on_registered(self, frames: list) -> None:
         status = frames[1].bytes
         if status == proto.REG_OK:
+            self._reg_reason = None
             self._fanout = proto.decode_object(frames[2].bytes)
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
             self._registered.set()
         else:
-            self._reg_reason = frames[2].bytes.decode("utf-8", "replace")
-            log.error("broker refused cell '%s': %s", self.fqcn, self._reg_reason)
+            reason = frames[2].bytes.decode("utf-8", "replace")
+            if reason != self._reg_reason:
+                log.error("broker refused cell '%s': %s", self.fqcn, reason)
+            self._reg_reason = reason
         self._reg_answer.set()
 
     def _on_undeliverable(self, frames: list) -> None:

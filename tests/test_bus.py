@@ -224,3 +224,17 @@ def test_fl_context_exposes_the_cell(broker_address):
     ctx = FLContext(cell)
     assert ctx.get_engine().get_cell() is cell
     assert ctx.get_identity_name() == "site-1"
+
+
+def test_a_killed_nodes_name_can_be_reused_at_once(procs, broker_address):
+    echo = start_echo(procs, "site-1", broker_address)
+    echo.kill()
+
+    def registers():
+        try:
+            Cell("site-1", broker_address).start(timeout=5).stop()
+            return True
+        except RegistrationError:
+            return False
+
+    wait_until(registers, 3, interval=0.2)  # well before the 5 s liveness timeout
