@@ -1,0 +1,545 @@
+"""Owner side of a push: publish each chunk once to all targets, in lockstep, with repair.
+
+Flow of one stream (see nodes/push_wire.py for the messages):
+
+1. validate the arguments, open the file, connect an XPUB (XPUB_NODROP) to the broker's XSUB
+   and wait for the broker's subscription, which proves the pipe is live;
+2. send "start" to every target at once on the application's channel/topic; any refusal,
+   unreachable target or missing reply fails the whole stream before data flows;
+3. publish probes until every target saw one on its SUB ("ready"), for a short grace
+   period: a target that joins later still gets every chunk through repair;
+4. publish each chunk once, at most `window` chunks ahead of the slowest cumulative ack;
+   receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
+5. "verify" (every target compares the digest) then "commit" (every target renames its
+   .part into place). Any failure aborts the stream for every target.
+"""
+
+import logging
+import math
+import os
+import queue
+import stat
+import threading
+import time
+import weakref
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional
+
+import zmq
+
+from common import digest as digests
+from common.constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT, MAX_CHUNK_SIZE
+from common.errors import CellError, RemoteError, UnreachableError
+from common.fqcn import validate_fqcn
+from common.protocol import is_json_compatible
+from common.rc import ReturnCode
+from nodes import push_wire as wire
+from nodes.cell import Cell, PendingRequest
+from nodes.message import Message, Reply
+
+log = logging.getLogger(__name__)
+
+_SEND_POLL_MS = 100  # XPUB send timeout; the loop then checks for failures and retries
+_PROBE_MIN_INTERVAL = 0.005
+_PROBE_MAX_INTERVAL = 0.05
+_MAX_JOIN_GRACE = 1.0  # longest wait for every target's subscription before publishing anyway
+_MAX_REPAIR_SEQS = 1024
+
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass
+class PushResult:
+    """Outcome of one push: (rc, ok) as stream_file returns them, plus details."""
+
+    rc: ReturnCode
+    ok: bool
+    error: Optional[str] = None
+    size: int = 0
+    seconds: float = 0.0
+    bytes_published: int = 0  # chunk bytes sent on the fan-out (the file size once, on success)
+    bytes_repaired: int = 0  # chunk bytes sent again by unicast repair
+
+
+class _Failure(Exception):
+    def __init__(self, rc: ReturnCode, message: str) -> None:
+        super().__init__(message)
+        self.rc = rc
+        self.message = message
+
+
+class _Session:
+    """What the Cell handlers of the owner need to know about a running stream."""
+
+    def __init__(self, sid: str, targets: Iterable[str], fd: int, size: int, chunk_size: int) -> None:
+        self.sid = sid
+        self.targets = frozenset(targets)
+        self.size = size
+        self.chunk_size = chunk_size
+        self.events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self.published = 0  # chunks [0, published) went out on the fan-out
+        self.bytes_repaired = 0
+        self._fd: Optional[int] = fd
+        self._fd_lock = threading.Lock()
+
+    def read_chunks(self, seqs: list[int]) -> bytes:
+        """Read chunks again for a repair (the caller bounds how many)."""
+        with self._fd_lock:
+            if self._fd is None:
+                raise _Failure(ReturnCode.ERROR, "stream closed")
+            data = b"".join(os.pread(self._fd, wire.chunk_length(s, self.size, self.chunk_size),
+                                     s * self.chunk_size) for s in seqs)
+            self.bytes_repaired += len(data)
+        return data
+
+    def close_file(self) -> None:
+        with self._fd_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class _OwnerHub:
+    """Per-Cell dispatcher of receiver messages (acks, ready, repairs) to running streams."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell_ref = weakref.ref(cell)
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
+        cell.add_stop_hook(self._on_cell_stop)
+
+    def add(self, session: _Session) -> None:
+        with self._lock:
+            self._sessions[session.sid] = session
+
+    def remove(self, session: _Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.sid, None)
+
+    def _find(self, message: Message) -> Optional[_Session]:
+        session = self._sessions.get(message.headers.get("sid"))  # type: ignore[arg-type]
+        if session is None or message.source not in session.targets:
+            return None
+        return session
+
+    def _on_event(self, message: Message) -> None:
+        """Inline on the Cell's I/O thread: hand the event to the stream's loop."""
+        session = self._find(message)
+        if session is not None:
+            h = message.headers
+            session.events.put((message.source, h.get("ev"), h.get("n"), h.get("error")))
+
+    def _on_repair(self, message: Message) -> Reply:
+        """Send chunks a receiver misses (never any it could not have been sent yet)."""
+        session = self._find(message)
+        if session is None:
+            return Reply(None, {"error": "unknown stream"})
+        h = message.headers
+        ack = h.get("ack")
+        if isinstance(ack, int):
+            session.events.put((message.source, wire.EV_ACK, ack, None))
+        published = session.published
+        wanted: list[int] = []
+        missing = h.get("missing")
+        if isinstance(missing, list):
+            wanted.extend(s for s in missing[:_MAX_REPAIR_SEQS] if isinstance(s, int) and 0 <= s < published)
+        start = h.get("from")
+        if isinstance(start, int) and start >= 0:
+            wanted.extend(range(start, min(published, start + _MAX_REPAIR_SEQS)))
+        seqs: list[int] = []
+        budget = wire.repair_budget(session.chunk_size)
+        for seq in dict.fromkeys(wanted):
+            length = wire.chunk_length(seq, session.size, session.chunk_size)
+            if seqs and length > budget:
+                break
+            seqs.append(seq)
+            budget -= length
+        try:
+            data = session.read_chunks(seqs) if seqs else None
+        except (_Failure, OSError) as exc:
+            return Reply(None, {"error": f"cannot read the file: {exc}"})
+        if seqs:
+            log.debug("stream %s: repairing %d chunk(s) for '%s' from %d", session.sid, len(seqs),
+                      message.source, seqs[0])
+        return Reply(data, {"sid": session.sid, "published": published, "seqs": seqs})
+
+    def _on_cell_stop(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.events.put((None, "cancel", None, "the cell is stopping"))
+
+
+_hubs: "weakref.WeakValueDictionary[int, _OwnerHub]" = weakref.WeakValueDictionary()
+_hubs_lock = threading.Lock()
+
+
+def _hub_for(cell: Cell) -> _OwnerHub:
+    """The cell's owner hub (kept alive by the handlers it registered on the cell)."""
+    with _hubs_lock:
+        hub = _hubs.get(id(cell))
+        if hub is None or hub.cell_ref() is not cell:
+            hub = _hubs[id(cell)] = _OwnerHub(cell)
+        return hub
+
+
+def check_push_args(channel: object, topic: object, stream_ctx: object, targets: object, file_name: object,
+                    chunk_size: object, chunk_timeout: object) -> tuple[list[str], int, float]:
+    """Validate stream_file's arguments; return (targets without duplicates, chunk size, chunk timeout)."""
+    for what, value in (("channel", channel), ("topic", topic)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{what} must be a non-empty string, got {value!r}.")
+    if stream_ctx is not None:
+        if not isinstance(stream_ctx, Mapping):
+            raise ValueError(f"stream_ctx must be a dict, got {type(stream_ctx).__name__}.")
+        for key, value in stream_ctx.items():
+            if not isinstance(key, str):
+                raise ValueError(f"stream_ctx keys must be strings, got {key!r}.")
+            if not is_json_compatible(value):
+                raise ValueError(f"stream_ctx value of {key!r} ({type(value).__name__}) is not JSON-compatible.")
+    if isinstance(targets, str) or not isinstance(targets, Iterable):
+        raise ValueError(f"targets must be a list of FQCNs, got {targets!r}.")
+    target_list = list(dict.fromkeys(validate_fqcn(t) for t in targets))
+    if not target_list:
+        raise ValueError("targets is empty: name at least one site to stream the file to.")
+    if not isinstance(file_name, (str, os.PathLike)):
+        raise ValueError(f"file_name must be a path, got {type(file_name).__name__}.")
+    try:
+        st = os.stat(file_name)
+    except OSError as exc:
+        raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: {exc.strerror}.") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: it is not a regular file.")
+    size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be a positive number of bytes up to {MAX_CHUNK_SIZE}, got {chunk_size!r}.")
+    timeout = DEFAULT_CHUNK_TIMEOUT if chunk_timeout is None else chunk_timeout
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
+        raise ValueError(f"chunk_timeout must be a positive number of seconds, got {chunk_timeout!r}.")
+    return target_list, size, float(timeout)
+
+
+def send_file(cell: Cell, channel: str, topic: str, stream_ctx: Optional[Mapping], targets: Iterable[str],
+              file_name: str, chunk_size: Optional[int] = None, chunk_timeout: Optional[float] = None,
+              optional: bool = False, remote_name: Optional[str] = None,
+              progress: Optional[ProgressCallback] = None) -> PushResult:
+    """Push a file to every target; block until all hold the verified file or the stream failed.
+
+    `remote_name` is the name sent to receivers (default: the file's base name; receivers
+    sanitize it). `progress(bytes)` is called with the bytes every target acknowledged.
+    Raises ValueError for bad arguments; network-side failures are in the returned PushResult.
+    """
+    if not isinstance(cell, Cell):
+        raise ValueError(f"a Cell is needed to stream a file, got {type(cell).__name__}.")
+    target_list, size, timeout = check_push_args(channel, topic, stream_ctx, targets, file_name, chunk_size,
+                                                 chunk_timeout)
+    name = os.path.basename(os.path.abspath(file_name)) if remote_name is None else str(remote_name)
+    try:
+        fd = os.open(file_name, os.O_RDONLY)
+    except OSError as exc:
+        raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: {exc.strerror}.") from None
+    run = _Push(cell, channel, topic, dict(stream_ctx or {}), target_list, fd, name, size, timeout,
+                optional, progress)
+    return run.run()
+
+
+class _Push:
+    """One running push on the owner."""
+
+    def __init__(self, cell: Cell, channel: str, topic: str, stream_ctx: dict, targets: list[str], fd: int,
+                 name: str, chunk_size: int, chunk_timeout: float, optional: bool,
+                 progress: Optional[ProgressCallback]) -> None:
+        self.cell = cell
+        self.channel = channel
+        self.topic = topic
+        self.stream_ctx = stream_ctx
+        self.targets = targets
+        self.name = name
+        self.size = os.fstat(fd).st_size
+        self.chunk_size = chunk_size
+        self.chunk_timeout = chunk_timeout
+        self.count = wire.chunk_count(self.size, chunk_size)
+        self.window = wire.window_for(chunk_size)
+        self.optional = optional
+        self.progress = progress
+        self.sid = wire.new_stream_id()
+        self.topic_frame = self.sid.encode()
+        self.session = _Session(self.sid, targets, fd, self.size, chunk_size)
+        self.fd = fd
+        self.hasher = digests.new_hasher()
+        self.xpub: Optional[zmq.Socket] = None
+        self.started: list[str] = []  # targets that may hold stream state (to abort)
+        self.acks = {t: 0 for t in targets}
+        self.last_progress = {t: 0.0 for t in targets}
+        self.ready: set[str] = set()
+        self.bytes_published = 0
+        self.reported = -1
+
+    # -- the stream ------------------------------------------------------------------------
+    def run(self) -> PushResult:
+        began = time.monotonic()
+        hub = _hub_for(self.cell)
+        hub.add(self.session)
+        ok = False
+        try:
+            if self.count:
+                self._open_fanout()
+            self._start_targets()
+            if self.count:
+                self._wait_ready()
+                self._publish()
+            self._finish()
+            ok = True
+            log.info("stream %s: pushed '%s' (%d bytes) to %s in %.2f s", self.sid, self.name, self.size,
+                     ",".join(self.targets), time.monotonic() - began)
+            return self._result(ReturnCode.OK, True, None, began)
+        except _Failure as failure:
+            log.log(logging.DEBUG if self.optional else logging.WARNING, "stream %s of '%s' failed: %s",
+                    self.sid, self.name, failure.message)
+            return self._result(failure.rc, False, failure.message, began)
+        finally:
+            if not ok:
+                self._abort()
+            hub.remove(self.session)
+            self.session.close_file()
+            if self.xpub is not None:
+                self.xpub.close(linger=0)  # every target confirmed, or the stream was aborted
+
+    def _result(self, rc: ReturnCode, ok: bool, error: Optional[str], began: float) -> PushResult:
+        return PushResult(rc, ok, error, self.size, time.monotonic() - began, self.bytes_published,
+                          self.session.bytes_repaired)
+
+    def _open_fanout(self) -> None:
+        try:
+            address, _ = self.cell.fanout_endpoints
+        except CellError as exc:
+            raise _Failure(ReturnCode.COMMUNICATION_ERROR, str(exc)) from None
+        xpub = self.xpub = self.cell.context.socket(zmq.XPUB)
+        xpub.setsockopt(zmq.XPUB_NODROP, 1)
+        xpub.setsockopt(zmq.SNDHWM, self.window + 16)
+        xpub.setsockopt(zmq.SNDTIMEO, _SEND_POLL_MS)
+        xpub.connect(address)
+        # The broker's XSUB subscribes to everything: its subscription shows the pipe is live.
+        deadline = time.monotonic() + self.chunk_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not xpub.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                raise _Failure(ReturnCode.COMMUNICATION_ERROR,
+                               f"the broker's fan-out at {address} did not accept the publisher within "
+                               f"{self.chunk_timeout:g} s")
+            if xpub.recv()[:1] == b"\x01":
+                return
+
+    def _start_targets(self) -> None:
+        info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": self.name, "size": self.size,
+                "chunk_size": self.chunk_size, "count": self.count, "window": self.window,
+                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx}
+        requests: dict[str, PendingRequest] = {}
+        for target in self.targets:
+            try:
+                requests[target] = self.cell.request_async(self.channel, self.topic, target, payload=info)
+            except CellError as exc:
+                self._cancel(requests)
+                raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
+            self.started.append(target)
+        self._gather("start", requests)
+
+    def _gather(self, step: str, requests: dict[str, PendingRequest]) -> None:
+        """Wait for every reply of a step; fail at the first error, naming its target."""
+        deadline = time.monotonic() + self.chunk_timeout
+        waiting = {pending.future: target for target, pending in requests.items()}
+        try:
+            while waiting:
+                remaining = deadline - time.monotonic()
+                done, _ = wait(list(waiting), timeout=max(0.0, remaining), return_when=FIRST_COMPLETED)
+                if not done:
+                    names = ", ".join(f"'{t}'" for t in waiting.values())
+                    raise _Failure(ReturnCode.TIMEOUT, f"no answer to '{step}' from {names} within "
+                                                       f"{self.chunk_timeout:g} s")
+                for future in done:
+                    target = waiting.pop(future)
+                    self._check_reply(step, target, future)
+        finally:
+            self._cancel(requests)
+
+    def _check_reply(self, step: str, target: str, future) -> None:
+        try:
+            reply: Message = future.result()
+        except UnreachableError:
+            if step == "start":
+                self.started.remove(target)
+            raise _Failure(ReturnCode.COMMUNICATION_ERROR,
+                           f"target '{target}' is not connected to the broker") from None
+        except RemoteError as exc:
+            if step == "start":
+                raise _Failure(ReturnCode.ERROR, f"target '{target}' cannot take streams on channel "
+                                                 f"'{self.channel}' topic '{self.topic}': {exc}") from None
+            raise _Failure(ReturnCode.ERROR, f"target '{target}' failed '{step}': {exc}") from None
+        except CellError as exc:
+            raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot reach '{target}': {exc}") from None
+        error = reply.headers.get("error")
+        if error:
+            raise _Failure(ReturnCode.ERROR, f"target '{target}' refused '{step}': {error}")
+        if reply.headers.get("ok") is not True:
+            raise _Failure(ReturnCode.ERROR, f"target '{target}' did not accept '{step}': its handler for "
+                                             f"channel '{self.channel}' topic '{self.topic}' is not stream "
+                                             f"processing")
+
+    @staticmethod
+    def _cancel(requests: dict[str, PendingRequest]) -> None:
+        for pending in requests.values():
+            if not pending.done():
+                pending.cancel()
+
+    def _wait_ready(self) -> None:
+        """Probe the fan-out until every target's subscription is live (or a short grace passed)."""
+        grace = min(_MAX_JOIN_GRACE, self.chunk_timeout / 2)
+        deadline = time.monotonic() + grace
+        interval = _PROBE_MIN_INTERVAL
+        probe = [self.topic_frame, wire.encode_header(wire.KIND_PROBE), b""]
+        while len(self.ready) < len(self.targets):
+            now = time.monotonic()
+            if now >= deadline:
+                late = sorted(set(self.targets) - self.ready)
+                log.info("stream %s: %s not subscribed after %.2f s; starting anyway (they get repairs)",
+                         self.sid, ", ".join(late), grace)
+                break
+            self._send(probe)
+            self._handle_events(min(interval, deadline - now))
+            interval = min(interval * 2, _PROBE_MAX_INTERVAL)
+
+    def _publish(self) -> None:
+        """Publish every chunk once, never more than `window` chunks ahead of the slowest ack."""
+        now = time.monotonic()
+        for target in self.targets:
+            self.last_progress[target] = now
+        seq = 0
+        while True:
+            self._handle_events(0)
+            slowest = min(self.acks.values())
+            if slowest >= self.count:
+                return
+            if seq < self.count and seq < slowest + self.window:
+                self._publish_chunk(seq)
+                seq += 1
+                continue
+            self._handle_events(self._check_stalls(seq))
+
+    def _publish_chunk(self, seq: int) -> None:
+        offset = seq * self.chunk_size
+        length = wire.chunk_length(seq, self.size, self.chunk_size)
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise _Failure(ReturnCode.ERROR, f"'{self.name}' became shorter while it was being streamed")
+        self.hasher.update(data)
+        self._send([self.topic_frame, wire.encode_header(wire.KIND_CHUNK, seq, offset), data])
+        self.bytes_published += length
+        now = time.monotonic()
+        for target, acked in self.acks.items():
+            if acked == seq:  # it had everything so far: its clock starts with this chunk
+                self.last_progress[target] = now
+        self.session.published = seq + 1
+
+    def _check_stalls(self, published: int) -> float:
+        """Fail if a target owing acks made no progress for chunk_timeout; else how long to wait."""
+        now = time.monotonic()
+        wait_for = self.chunk_timeout
+        for target in self.targets:
+            if self.acks[target] >= published:
+                continue
+            idle = now - self.last_progress[target]
+            if idle >= self.chunk_timeout:
+                raise _Failure(ReturnCode.TIMEOUT,
+                               f"target '{target}' acknowledged nothing for {self.chunk_timeout:g} s "
+                               f"(it has {self.acks[target]} of {self.count} chunks)")
+            wait_for = min(wait_for, self.chunk_timeout - idle)
+        return max(wait_for, 0.001)
+
+    def _send(self, frames: list) -> None:
+        """Publish one message; NODROP makes a full pipe wait here, never lose data."""
+        assert self.xpub is not None
+        deadline = time.monotonic() + self.chunk_timeout
+        while True:
+            try:
+                self.xpub.send_multipart(frames, copy=False)
+                return
+            except zmq.Again:
+                self._handle_events(0)
+                if time.monotonic() > deadline:
+                    raise _Failure(ReturnCode.COMMUNICATION_ERROR,
+                                   f"the broker's fan-out took no data for {self.chunk_timeout:g} s") from None
+
+    def _handle_events(self, timeout: float) -> None:
+        """Apply receiver events, waiting up to `timeout` seconds for the first one."""
+        events = self.session.events
+        try:
+            item = events.get(timeout=timeout) if timeout > 0 else events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(*item)
+            try:
+                item = events.get_nowait()
+            except queue.Empty:
+                break
+        if self.progress is not None:
+            slowest = min(self.acks.values())
+            if slowest > self.reported:
+                self.reported = slowest
+                self._report(min(slowest * self.chunk_size, self.size))
+
+    def _report(self, done: int) -> None:
+        assert self.progress is not None
+        try:
+            self.progress(done)
+        except Exception:
+            log.exception("progress callback failed (ignored)")
+
+    def _apply(self, source: Optional[str], event: object, n: object, error: object) -> None:
+        if event == "cancel":
+            raise _Failure(ReturnCode.TASK_ABORTED, str(error))
+        if source not in self.acks:
+            return
+        if event == wire.EV_ACK and isinstance(n, int) and not isinstance(n, bool):
+            acked = min(n, self.session.published)
+            if acked > self.acks[source]:
+                self.acks[source] = acked
+                self.last_progress[source] = time.monotonic()
+        elif event == wire.EV_READY:
+            self.ready.add(source)
+        elif event == wire.EV_FAIL:
+            raise _Failure(ReturnCode.ERROR, f"target '{source}' failed: {error}")
+
+    def _finish(self) -> None:
+        """Two-phase end: every target checks the digest, then every target commits its file."""
+        digest = self.hasher.hexdigest()
+        if self.progress is not None and self.reported < self.count:
+            self._report(self.size)
+        headers = {"sid": self.sid, "algo": digests.ALGORITHM, "digest": digest}
+        self._gather("verify", self._request_all(wire.TOPIC_VERIFY, headers))
+        self._gather("commit", self._request_all(wire.TOPIC_COMMIT, {"sid": self.sid}))
+        self.started = []
+
+    def _request_all(self, topic: str, headers: dict) -> dict[str, PendingRequest]:
+        requests: dict[str, PendingRequest] = {}
+        for target in self.targets:
+            try:
+                requests[target] = self.cell.request_async(wire.CONTROL_CHANNEL, topic, target, headers=headers)
+            except CellError as exc:
+                self._cancel(requests)
+                raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
+        return requests
+
+    def _abort(self) -> None:
+        if not self.started:
+            return
+        try:
+            self.cell.fire_and_forget(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self.started, None,
+                                      headers={"sid": self.sid, "reason": "the sender aborted the stream"})
+        except (CellError, ValueError) as exc:
+            log.debug("stream %s: could not send abort: %s", self.sid, exc)
+        self.started = []
+

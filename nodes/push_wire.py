@@ -1,0 +1,125 @@
+"""Wire format of push streams: fan-out frames, control topics and chunk arithmetic.
+
+Fan-out messages (owner XPUB -> broker XSUB/XPUB -> receiver SUB) have three frames:
+
+    [stream id: 16 ASCII bytes][header: struct "!BBQQ" = version, kind, seq, offset][payload]
+
+The stream id is the SUB topic; every stream id has the same length, so a prefix filter
+never matches another stream. Kinds: CHUNK (payload = file bytes at `offset`) and PROBE
+(empty payload; tells a receiver its subscription is live).
+
+Control messages travel over the Cell (ROUTER) path on CONTROL_CHANNEL; their JSON headers
+always carry the stream id under "sid". The "start" request goes to the application's own
+channel/topic, so a target without stream processing registered there refuses at once.
+"""
+
+import re
+import secrets
+import struct
+from typing import Optional
+
+from common.constants import MAX_CHUNK_SIZE
+from common.protocol import STREAM_ID_LENGTH
+
+WIRE_VERSION = 1
+
+KIND_CHUNK = 1
+KIND_PROBE = 2
+
+FRAME_HEADER = struct.Struct("!BBQQ")
+
+CONTROL_CHANNEL = "__fedstream_push__"
+# receiver -> owner
+TOPIC_EVENT = "event"  # one-way: {"sid", "ev": "ready" | "ack" | "fail", "n": acked chunks, "error"}
+TOPIC_REPAIR = "repair"  # request: {"sid", "ack", "missing": [seq...], "from": seq} -> chunks by unicast
+# owner -> receiver
+TOPIC_VERIFY = "verify"  # request: {"sid", "algo", "digest"} -> ok once the .part matches
+TOPIC_COMMIT = "commit"  # request: {"sid"} -> the receiver renames the .part into place
+TOPIC_ABORT = "abort"  # one-way: {"sid", "reason"}
+
+EV_READY = "ready"
+EV_ACK = "ack"
+EV_FAIL = "fail"
+
+WINDOW_BYTES = 8 << 20
+MIN_WINDOW = 2
+MAX_WINDOW = 64
+
+_STREAM_ID = re.compile(rf"[A-Za-z0-9_-]{{{STREAM_ID_LENGTH}}}")
+
+
+def new_stream_id() -> str:
+    """A random, URL-safe stream id of exactly STREAM_ID_LENGTH characters."""
+    sid = secrets.token_urlsafe(STREAM_ID_LENGTH)[:STREAM_ID_LENGTH]
+    assert len(sid) == STREAM_ID_LENGTH
+    return sid
+
+
+def is_stream_id(value: object) -> bool:
+    """Tell whether `value` is a well-formed stream id."""
+    return isinstance(value, str) and _STREAM_ID.fullmatch(value) is not None
+
+
+def window_for(chunk_size: int) -> int:
+    """Credit window in chunks: about WINDOW_BYTES of data, between MIN_WINDOW and MAX_WINDOW chunks."""
+    return max(MIN_WINDOW, min(MAX_WINDOW, WINDOW_BYTES // chunk_size))
+
+
+def repair_budget(chunk_size: int) -> int:
+    """Most bytes of chunk data one repair reply carries (always at least one chunk)."""
+    return max(WINDOW_BYTES, chunk_size)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Number of chunks of a file of `size` bytes (0 for an empty file)."""
+    return -(-size // chunk_size)
+
+
+def chunk_length(seq: int, size: int, chunk_size: int) -> int:
+    """Length of chunk `seq` of a file of `size` bytes."""
+    return min(chunk_size, size - seq * chunk_size)
+
+
+def encode_header(kind: int, seq: int = 0, offset: int = 0) -> bytes:
+    """Header frame of a fan-out message."""
+    return FRAME_HEADER.pack(WIRE_VERSION, kind, seq, offset)
+
+
+def decode_header(data: "bytes | memoryview") -> Optional[tuple[int, int, int]]:
+    """(kind, seq, offset) of a fan-out header frame, or None if it is not one of ours."""
+    if len(data) != FRAME_HEADER.size:
+        return None
+    version, kind, seq, offset = FRAME_HEADER.unpack(data)
+    if version != WIRE_VERSION or kind not in (KIND_CHUNK, KIND_PROBE):
+        return None
+    return kind, seq, offset
+
+
+def check_start(info: object) -> dict:
+    """Validate a "start" request payload from a peer; return it or raise ValueError."""
+    if not isinstance(info, dict):
+        raise ValueError("the start request is not a JSON object")
+    if info.get("v") != WIRE_VERSION:
+        raise ValueError(f"push protocol version {info.get('v')!r} is not supported (expected {WIRE_VERSION})")
+    if not is_stream_id(info.get("sid")):
+        raise ValueError("the stream id is malformed")
+    size, chunk_size, count, window = (info.get(k) for k in ("size", "chunk_size", "count", "window"))
+    for name, value in (("size", size), ("chunk_size", chunk_size), ("count", count), ("window", window)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk size {chunk_size} is outside 1..{MAX_CHUNK_SIZE}")
+    if count != chunk_count(size, chunk_size):
+        raise ValueError("the chunk count does not match the file size")
+    if not MIN_WINDOW <= window <= MAX_WINDOW:
+        raise ValueError(f"window {window} is outside {MIN_WINDOW}..{MAX_WINDOW}")
+    timeout = info.get("chunk_timeout")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
+        raise ValueError("chunk_timeout must be a number of seconds in (0, 3600]")
+    if not isinstance(info.get("name"), str):
+        raise ValueError("the file name is missing")
+    if not isinstance(info.get("ctx"), dict):
+        raise ValueError("the stream context is not a JSON object")
+    if not isinstance(info.get("algo"), str):
+        raise ValueError("the digest algorithm is missing")
+    return info

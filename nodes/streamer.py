@@ -1,0 +1,74 @@
+"""FileStreamer: push a file to one or more sites that registered stream processing in advance."""
+
+from typing import Any, Callable, List, Mapping, Optional
+
+from common.rc import ReturnCode
+from nodes import push_receiver, push_sender
+from nodes import stream_context as keys
+from nodes.context import FLContext
+from nodes.stream_context import StreamContext
+
+__all__ = ["FileStreamer", "StreamContext"]
+
+
+class FileStreamer:
+    """Push ("stream") files: every target takes the same chunks in lockstep; one failure fails all."""
+
+    @staticmethod
+    def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
+                                   stream_done_cb: Optional[Callable[..., Any]] = None,
+                                   chunk_consumed_cb: Optional[Callable[..., Any]] = None,
+                                   **cb_kwargs: Any) -> None:
+        """Accept files pushed on (channel, topic) to this site.
+
+        Files are written as hidden `.part` files in `dest_dir` (default: the system temp dir)
+        and renamed to the sender's sanitized base name once verified (a numbered suffix is
+        added rather than overwriting). `stream_done_cb(stream_ctx, fl_ctx, **cb_kwargs)` is
+        called once per stream, success or not; `chunk_consumed_cb(stream_ctx, fl_ctx,
+        **cb_kwargs)` after each chunk is written. Registering (channel, topic) again replaces
+        the previous registration. Raises ValueError for bad arguments.
+        """
+        push_receiver.register_stream_processing(fl_ctx, channel, topic, dest_dir, stream_done_cb,
+                                                 chunk_consumed_cb, **cb_kwargs)
+
+    @staticmethod
+    def stream_file(channel: str, topic: str, stream_ctx: Optional[Mapping[str, Any]], targets: List[str],
+                    file_name: str, fl_ctx: FLContext, chunk_size: Optional[int] = None,
+                    chunk_timeout: Optional[float] = None, optional: bool = False,
+                    secure: bool = False) -> tuple[ReturnCode, bool]:
+        """Stream a file to every target; block until done.
+
+        Returns (ReturnCode.OK, True) only after every target confirmed the whole file with a
+        matching digest; otherwise (a non-OK ReturnCode, False), and the stream is aborted on
+        every target. `stream_ctx` values must be JSON-compatible; they arrive in each
+        receiver's stream_ctx. `optional=True` logs failures at debug level only.
+        Raises ValueError for bad arguments (missing file, empty or invalid targets, ...).
+        """
+        if not isinstance(fl_ctx, FLContext):
+            raise ValueError(f"fl_ctx must be an FLContext, got {type(fl_ctx).__name__}.")
+        if secure:
+            raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
+        result = push_sender.send_file(fl_ctx.get_engine().get_cell(), channel, topic, stream_ctx, targets,
+                                       file_name, chunk_size, chunk_timeout, optional=optional)
+        return result.rc, result.ok
+
+    @staticmethod
+    def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:
+        """The sender's base name of the file (sanitized)."""
+        return stream_ctx.get(keys.KEY_FILE_NAME)
+
+    @staticmethod
+    def get_file_location(stream_ctx: Mapping[str, Any]) -> Optional[str]:
+        """Full path of the received file (None if the stream failed)."""
+        return stream_ctx.get(keys.KEY_FILE_LOCATION)
+
+    @staticmethod
+    def get_file_size(stream_ctx: Mapping[str, Any]) -> Optional[int]:
+        """Size of the file in bytes."""
+        return stream_ctx.get(keys.KEY_FILE_SIZE)
+
+    @staticmethod
+    def get_rc(stream_ctx: Mapping[str, Any]) -> Optional[ReturnCode]:
+        """ReturnCode of the stream on this receiver (None while it is running)."""
+        value = stream_ctx.get(keys.KEY_RC)
+        return ReturnCode(value) if value is not None else None
