@@ -45,6 +45,7 @@ _PROBE_MIN_INTERVAL = 0.005
 _PROBE_MAX_INTERVAL = 0.05
 _MAX_JOIN_GRACE = 1.0  # longest wait for every target's subscription before publishing anyway
 _MAX_REPAIR_SEQS = 1024
+_START_SETTLE = 1.0  # after a refused start, longest wait for the other targets' answers before aborting
 
 ProgressCallback = Callable[[int], None]
 
@@ -362,6 +363,11 @@ class _Push:
                 for future in done:
                     target = waiting.pop(future)
                     self._check_reply(step, target, future)
+        except _Failure:
+            if step == "start" and waiting:
+                # Let the other targets' "start" land first, so that the abort finds their stream.
+                wait(list(waiting), timeout=min(_START_SETTLE, max(0.0, deadline - time.monotonic())))
+            raise
         finally:
             self._cancel(requests)
 
