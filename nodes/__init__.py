@@ -3,5 +3,6 @@
 from nodes.cell import Cell, PendingRequest
 from nodes.context import FLContext
 from nodes.message import Message, Reply
+from nodes.streamer import FileStreamer, StreamContext
 
-__all__ = ["Cell", "FLContext", "Message", "PendingRequest", "Reply"]
+__all__ = ["Cell", "FLContext", "FileStreamer", "Message", "PendingRequest", "Reply", "StreamContext"]

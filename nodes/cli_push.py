@@ -1,0 +1,75 @@
+"""`fedstream push`: stream a file to one or more sites and wait until all hold it, verified."""
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, DEFAULT_PUSH_TOPIC
+from common.errors import FedstreamError
+from common.sizes import format_size, parse_size
+from nodes.cli import broker_option, default_cli_name, fail, main, setup_logging, verbose_option
+
+
+def _split_targets(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@main.command("push")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--to", "targets", required=True, metavar="SITE[,SITE...]", help="Comma-separated target sites.")
+@broker_option
+@click.option("--as", "name", default=None, metavar="NAME", help="This sender's cell name (default: push-<pid>).")
+@click.option("--chunk-size", default="1M", show_default=True, metavar="SIZE",
+              help="Chunk size; K, M, G suffixes allowed.")
+@click.option("--chunk-timeout", default=DEFAULT_CHUNK_TIMEOUT, show_default=True, type=float, metavar="S",
+              help="Seconds without progress from a target before the push fails.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbose_option
+def push_command(file: str, targets: str, broker_url: str, name: Optional[str], chunk_size: str,
+                 chunk_timeout: float, quiet: bool, verbose: int) -> None:
+    """Push FILE to every site of --to; exit 0 only when all of them hold the verified file.
+
+    The sites must accept pushes on the default channel (e.g. `fedstream node`).
+    """
+    from nodes import Cell
+    from nodes.progress import Progress
+    from nodes.push_sender import check_push_args, send_file
+
+    setup_logging(verbose)
+    target_list = _split_targets(targets)
+    try:
+        size = parse_size(chunk_size)
+        check_push_args(DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC, None, target_list, file, size, chunk_timeout)
+        cell = Cell(name or default_cli_name("push"), broker_url)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        cell.start()
+    except FedstreamError as exc:
+        fail(str(exc))
+    try:
+        total = os.path.getsize(file)
+        bar = Progress(total, os.path.basename(file), enabled=not quiet and sys.stderr.isatty())
+        shown = [0]
+
+        def advance(done: int) -> None:
+            bar.update(done - shown[0])
+            shown[0] = done
+
+        try:
+            # optional=True: the failure is reported once, below, instead of also being logged
+            result = send_file(cell, DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC, None, target_list, file, size,
+                               chunk_timeout, optional=True, progress=advance)
+        finally:
+            bar.close()
+    except ValueError as exc:
+        fail(str(exc))
+    finally:
+        cell.stop()
+    if not result.ok:
+        fail(f"push of {file} failed ({result.rc}): {result.error}.")
+    seconds = max(result.seconds, 1e-6)
+    click.echo(f"pushed {file} to {','.join(target_list)} ({format_size(result.size)}, {result.seconds:.2f} s, "
+               f"{result.size / seconds / 1e6:.0f} MB/s)")
