@@ -144,8 +144,10 @@ class _Stream:
         self.ctx[keys.KEY_REPAIRED_CHUNKS] = self.repaired
         self.hub.forget(self.sid)
         if self.notify_owner:
-            try:
-                self._event(wire.EV_FAIL, error=self.reason)
+            try:  # a request, not a one-way message: it must get out before a stopping cell closes
+                self.cell.request(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self.owner,
+                                  headers={"sid": self.sid, "ev": wire.EV_FAIL, "error": self.reason},
+                                  timeout=min(1.0, self.chunk_timeout))
             except Exception as exc:  # the owner then notices the silence
                 log.debug("stream %s: could not tell '%s' about the failure: %s", self.sid, self.owner, exc)
         if rc == ReturnCode.OK:
@@ -221,7 +223,8 @@ class _Stream:
                 self.ready_sent = True
                 self._event(wire.EV_READY)
             return
-        if seq >= self.count or offset != seq * self.chunk_size or \
+        # The owner never runs more than a window ahead of this receiver's prefix.
+        if seq >= min(self.count, self.prefix + self.window) or offset != seq * self.chunk_size or \
                 len(frames[2]) != wire.chunk_length(seq, self.size, self.chunk_size):
             log.debug("stream %s: ignored a malformed chunk frame (seq %d)", self.sid, seq)
             return

@@ -45,6 +45,8 @@ _PROBE_MIN_INTERVAL = 0.005
 _PROBE_MAX_INTERVAL = 0.05
 _MAX_JOIN_GRACE = 1.0  # longest wait for every target's subscription before publishing anyway
 _MAX_REPAIR_SEQS = 1024
+_STOP_GRACE = 2.0  # longest a stopping cell waits for its streams to abort
+_ABORT_WAIT = 1.0  # longest wait for targets to acknowledge an abort
 _START_SETTLE = 1.0  # after a refused start, longest wait for the other targets' answers before aborting
 
 ProgressCallback = Callable[[int], None]
@@ -81,6 +83,7 @@ class _Session:
         self.events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self.published = 0  # chunks [0, published) went out on the fan-out
         self.bytes_repaired = 0
+        self.finished = threading.Event()
         self._fd: Optional[int] = fd
         self._fd_lock = threading.Lock()
 
@@ -168,10 +171,14 @@ class _OwnerHub:
         return Reply(data, {"sid": session.sid, "published": published, "seqs": seqs})
 
     def _on_cell_stop(self) -> None:
+        """Fail running streams and give them a moment to tell their targets, while the cell still can."""
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:
             session.events.put((None, "cancel", None, "the cell is stopping"))
+        deadline = time.monotonic() + _STOP_GRACE
+        for session in sessions:
+            session.finished.wait(max(0.0, deadline - time.monotonic()))
 
 
 _hubs: "weakref.WeakValueDictionary[int, _OwnerHub]" = weakref.WeakValueDictionary()
@@ -308,6 +315,7 @@ class _Push:
             self.session.close_file()
             if self.xpub is not None:
                 self.xpub.close(linger=0)  # every target confirmed, or the stream was aborted
+            self.session.finished.set()
 
     def _result(self, rc: ReturnCode, ok: bool, error: Optional[str], began: float) -> PushResult:
         return PushResult(rc, ok, error, self.size, time.monotonic() - began, self.bytes_published,
@@ -540,12 +548,17 @@ class _Push:
         return requests
 
     def _abort(self) -> None:
+        """Tell every target that may hold stream state; wait briefly for them to take it."""
         if not self.started:
             return
-        try:
-            self.cell.fire_and_forget(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self.started, None,
-                                      headers={"sid": self.sid, "reason": "the sender aborted the stream"})
-        except (CellError, ValueError) as exc:
-            log.debug("stream %s: could not send abort: %s", self.sid, exc)
+        headers = {"sid": self.sid, "reason": "the sender aborted the stream"}
+        futures = []
+        for target in self.started:
+            try:
+                futures.append(self.cell.request_async(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, target,
+                                                       headers=headers).future)
+            except CellError as exc:
+                log.debug("stream %s: could not send abort to '%s': %s", self.sid, target, exc)
+        wait(futures, timeout=min(_ABORT_WAIT, self.chunk_timeout))
         self.started = []
 

@@ -113,15 +113,16 @@ def test_sender_killed_mid_stream_receivers_time_out_and_clean_up(procs, broker_
 
 
 def test_slow_target_holds_the_others_back_without_loss(procs, broker_address, owner, tmp_path):
-    chunk = 256 * KIB
+    chunk = MIB
     window = window_for(chunk)
     src = str(tmp_path / "f.bin")
-    sha = make_file(src, 24 * MIB)
-    count = 24 * MIB // chunk
+    sha = make_file(src, 48 * MIB)
+    count = 48 * MIB // chunk
+    assert count >= 3 * window
     names = ("slow", "fast-1", "fast-2")
     dests = {name: str(tmp_path / name) for name in names}
     receivers = {name: start_receiver(procs, name, broker_address, dests[name], print_chunks=True,
-                                      chunk_delay=0.01 if name == "slow" else 0) for name in names}
+                                      chunk_delay=0.02 if name == "slow" else 0) for name in names}
     result = owner.push_async(CHANNEL, TOPIC, {}, list(names), src, chunk_size=chunk, chunk_timeout=5.0)
     assert Owner.result(result).ok
     for name, proc in receivers.items():
@@ -254,3 +255,32 @@ def test_bad_arguments_raise_value_error(tmp_path):
             FileStreamer.register_stream_processing(**{"fl_ctx": fl_ctx, "channel": CHANNEL, "topic": TOPIC,
                                                        **kwargs})
     assert sorted(os.listdir(tmp_path)) == ["f.bin", "file.txt"]
+
+
+def test_receiver_cell_stopping_fails_the_push_at_once(tmp_path):
+    src = str(tmp_path / "f.bin")
+    make_file(src, 8 * MIB)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    outcomes, consumed = [], []
+
+    def on_chunk(stream_ctx, fl_ctx):
+        consumed.append(1)
+        time.sleep(0.01)
+
+    with Broker(bind="tcp://127.0.0.1:0") as broker, Cell("server", broker.address) as server:
+        site = Cell("site-1", broker.address).start()
+        FileStreamer.register_stream_processing(
+            FLContext(site), CHANNEL, TOPIC, dest_dir=str(dest), chunk_consumed_cb=on_chunk,
+            stream_done_cb=lambda stream_ctx, fl_ctx: outcomes.append(FileStreamer.get_rc(stream_ctx)))
+        sender = Owner.__new__(Owner)
+        sender.cell = server
+        box = sender.push_async(CHANNEL, TOPIC, {}, ["site-1"], src, chunk_size=64 * KIB, chunk_timeout=10.0)
+        wait_until(lambda: len(consumed) >= 5, 10)
+        site.stop()
+        stopped = time.monotonic()
+        result = Owner.result(box)
+    assert (result.rc, result.ok) == (ReturnCode.ERROR, False) and "'site-1'" in result.error
+    assert box["ended"] - stopped < 2.0  # told at once, not after chunk_timeout
+    assert outcomes == [ReturnCode.TASK_ABORTED]
+    assert os.listdir(dest) == []
