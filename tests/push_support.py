@@ -27,12 +27,17 @@ cell = Cell(name, broker).start()
 if opts.get("subscribe_delay"):
     set_receiver_tuning(cell, ReceiverTuning(subscribe_delay=opts["subscribe_delay"]))
 counts = {}
+lock = threading.Lock()  # streams run in threads of their own: one line at a time
+
+def say(line):
+    with lock:
+        print(line, flush=True)
 
 def consumed(ctx, fl_ctx, site):
     sid = ctx[keys.KEY_STREAM_ID]
     counts[sid] = counts.get(sid, 0) + 1
     if opts.get("print_chunks"):
-        print(f"CHUNK {ctx.get('tag')} {counts[sid]} {time.monotonic():.6f}", flush=True)
+        say(f"CHUNK {ctx.get('tag')} {counts[sid]} {time.monotonic():.6f}")
     if opts.get("chunk_delay"):
         time.sleep(opts["chunk_delay"])
 
@@ -42,7 +47,7 @@ def done(ctx, fl_ctx, site):
               "name": FileStreamer.get_file_name(ctx), "size": FileStreamer.get_file_size(ctx),
               "repaired": ctx[keys.KEY_REPAIRED_CHUNKS], "chunks": counts.get(ctx[keys.KEY_STREAM_ID], 0),
               "ctx": {k: v for k, v in ctx.items() if not k.startswith("__fedstream")}}
-    print("DONE " + json.dumps(report), flush=True)
+    say("DONE " + json.dumps(report))
 
 for channel, topic in opts.get("topics", [["test", "file"]]):
     FileStreamer.register_stream_processing(FLContext(cell), channel, topic, dest_dir=dest,
