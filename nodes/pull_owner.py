@@ -26,7 +26,6 @@ from nodes.message import Message, Reply
 log = logging.getLogger(__name__)
 
 _MONITOR_INTERVAL = 0.2  # seconds between checks for inactive transactions
-_MAX_DIGEST_WAIT = 10.0  # longest a "done" request waits for the owner's digest
 _DIGEST_CACHE_SIZE = 256
 
 _STARTED = "started"
@@ -324,7 +323,7 @@ class FileDownloader:
             cls._cells.add(cell)
         cell.register_request_cb(wire.CHANNEL, wire.TOPIC_OPEN, lambda m: cls._serve_open(cell, m), inline=True)
         cell.register_request_cb(wire.CHANNEL, wire.TOPIC_CHUNK, lambda m: cls._serve_chunk(cell, m), inline=True)
-        cell.register_request_cb(wire.CHANNEL, wire.TOPIC_DONE, lambda m: cls._serve_done(cell, m))
+        cell.register_request_cb(wire.CHANNEL, wire.TOPIC_DONE, lambda m: cls._serve_done(cell, m), inline=True)
         cell.add_stop_hook(lambda: cls._end_cell(cell))
 
     # -- request handlers --------------------------------------------------------------------
@@ -368,17 +367,16 @@ class FileDownloader:
 
     @classmethod
     def _serve_done(cls, cell: Cell, msg: Message) -> Reply:
+        """Runs on the I/O thread: the verdict is posted before the callback can run (and, say, stop the cell)."""
         shared = cls._lookup(cell, msg.headers)
         if isinstance(shared, Reply):
             return shared
         site = msg.source
         if msg.headers.get("gave_up"):
             if shared.finish(site):
-                shared.report(site, DownloadStatus.FAILED)
+                _report_later(shared, site, DownloadStatus.FAILED)
             return Reply(None, {"ok": False})
-        wait = msg.headers.get("wait")
-        wait = min(float(wait), _MAX_DIGEST_WAIT) if isinstance(wait, (int, float)) and wait > 0 else 1.0
-        if not shared.digest_ready.wait(wait):
+        if not shared.digest_ready.is_set():
             return _error(wire.ERR_PENDING, "the owner is still computing the file digest")
         if shared.digest is None:
             return _error(*(shared.digest_error or (wire.ERR_IO, "the owner has no digest")))
@@ -386,5 +384,10 @@ class FileDownloader:
         if ok:
             shared.mark_started(site)
             if shared.finish(site):
-                shared.report(site, DownloadStatus.SUCCESS)
+                _report_later(shared, site, DownloadStatus.SUCCESS)
         return Reply(None, {"ok": ok, "digest": shared.digest, "alg": digests.ALGORITHM})
+
+
+def _report_later(shared: _SharedFile, site: str, status: DownloadStatus) -> None:
+    """Call file_downloaded_cb in its own thread: user code never runs on a Cell's I/O thread."""
+    threading.Thread(target=shared.report, args=(site, status), name="fedstream-pull-cb", daemon=True).start()

@@ -4,8 +4,9 @@ Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
 
 - TOPIC_OPEN  {ref}                 -> {name, size, alg}
 - TOPIC_CHUNK {ref, off, len}       -> raw bytes [off, off+len) clipped to the file size (empty at EOF)
-- TOPIC_DONE  {ref, digest, alg, wait} -> {ok, digest, alg}; the owner compares the recipient's digest
-  with its own and reports the recipient's success. {ref, gave_up: true} (one-way) reports a give-up.
+- TOPIC_DONE  {ref, digest, alg}       -> {ok, digest, alg}; the owner compares the recipient's digest
+  with its own and reports the recipient's success (ERR_PENDING while its digest is not ready).
+  {ref, gave_up: true} (one-way) reports a recipient that gave up.
 
 A failed request is answered with headers {err: <code>, msg: <sentence>} and no payload.
 """

@@ -1,0 +1,118 @@
+"""Telling nodes about shared files (RIDs), and downloading the files announced to a node.
+
+`serve --announce-to` calls `announce`; `fedstream node` calls `accept_announcements`. The
+announcement is a request on (DEFAULT_CHANNEL, ANNOUNCE_TOPIC) whose JSON payload lists the RIDs;
+the owner is the message's source as stamped by the broker, never a name inside the payload.
+"""
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Optional
+
+from common import constants
+from common.errors import FedstreamError
+from common.filenames import check_dest_dir, sanitize_name
+from common.fqcn import validate_fqcn
+from nodes import pull_wire as wire
+from nodes.cell import Cell
+from nodes.message import Message
+from nodes.pull_receiver import download_file
+
+log = logging.getLogger(__name__)
+
+KIND_PULL = "pull"
+MAX_FILES_PER_ANNOUNCEMENT = 1000
+DEFAULT_REQUEST_TIMEOUT = 10.0  # per-request timeout of announced downloads
+_DOWNLOAD_WORKERS = 2
+
+# on_result(kind, ok, path_or_name, detail): path of the received file when ok, else the
+# announced (sanitized) name and the error message
+ResultCallback = Callable[[str, bool, str, str], None]
+
+
+def announce(cell: Cell, targets: Iterable[str], files: list[dict], timeout: float = 10.0) -> dict[str, Optional[str]]:
+    """Send the RIDs in `files` ({"ref", "name", "size"} each) to every target.
+
+    Returns {target: None if it accepted, else the error message}.
+    """
+    targets = [validate_fqcn(t) for t in targets]
+    entries = [{"ref": f["ref"], "name": str(f["name"]), "size": int(f["size"])} for f in files]
+    if not entries or len(entries) > MAX_FILES_PER_ANNOUNCEMENT:
+        raise ValueError(f"An announcement lists 1 to {MAX_FILES_PER_ANNOUNCEMENT} files, got {len(entries)}.")
+    for entry in entries:
+        if not wire.is_valid_ref(entry["ref"]):
+            raise ValueError(f"{entry['ref']!r} is not a valid reference id.")
+    payload = {"kind": KIND_PULL, "files": entries}
+    pending = {t: cell.request_async(constants.DEFAULT_CHANNEL, constants.ANNOUNCE_TOPIC, t, payload)
+               for t in targets}
+    results: dict[str, Optional[str]] = {}
+    for target, request in pending.items():
+        try:
+            reply = request.result(timeout)
+            accepted = reply.payload.get("accepted") if isinstance(reply.payload, dict) else None
+            results[target] = None if accepted == len(entries) else f"'{target}' did not accept the files"
+        except FedstreamError as exc:
+            results[target] = str(exc).rstrip(".")
+    return results
+
+
+def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultCallback,
+                         per_request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+    """Download every file announced to `cell` into `recv_dir`, in the background.
+
+    `on_result(kind, ok, path_or_name, detail)` is called once per announced file: on success with
+    the final path and the owner's name, on failure with the announced name and the error.
+    Call before `cell.start()` or after; downloads stop when the cell stops.
+    """
+    recv_dir = check_dest_dir(recv_dir, "recv_dir")
+    if not callable(on_result):
+        raise ValueError("on_result must be callable.")
+    if per_request_timeout <= 0:
+        raise ValueError(f"per_request_timeout must be positive, got {per_request_timeout!r}.")
+    workers = ThreadPoolExecutor(_DOWNLOAD_WORKERS, thread_name_prefix=f"fedstream-pull-{cell.fqcn}")
+    closed = threading.Event()
+
+    def fetch(owner: str, ref: str, name: str) -> None:
+        if closed.is_set():
+            return
+        err, path = download_file(owner, ref, per_request_timeout, cell, recv_dir)
+        try:
+            if err is None:
+                on_result(KIND_PULL, True, path, owner)
+            else:
+                on_result(KIND_PULL, False, name, err)
+        except Exception:
+            log.exception("on_result raised an exception (ignored)")
+
+    def on_announce(msg: Message) -> dict:
+        files = _parse(msg.payload)
+        if closed.is_set():
+            raise RuntimeError(f"'{cell.fqcn}' is shutting down")
+        for ref, name in files:
+            workers.submit(fetch, msg.source, ref, name)
+        log.info("'%s' announced %d file(s)", msg.source, len(files))
+        return {"accepted": len(files)}
+
+    def on_stop() -> None:
+        closed.set()
+        workers.shutdown(wait=False, cancel_futures=True)
+
+    cell.register_request_cb(constants.DEFAULT_CHANNEL, constants.ANNOUNCE_TOPIC, on_announce)
+    cell.add_stop_hook(on_stop)
+
+
+def _parse(payload: object) -> list[tuple[str, str]]:
+    """(ref, sanitized name) of each announced file; ValueError if the payload is malformed."""
+    if not isinstance(payload, dict) or payload.get("kind") != KIND_PULL:
+        raise ValueError("not a pull announcement")
+    files = payload.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_FILES_PER_ANNOUNCEMENT:
+        raise ValueError("an announcement lists 1 to %d files" % MAX_FILES_PER_ANNOUNCEMENT)
+    parsed = []
+    for entry in files:
+        ref = entry.get("ref") if isinstance(entry, dict) else None
+        if not wire.is_valid_ref(ref):
+            raise ValueError("an announced reference id is malformed")
+        parsed.append((ref, sanitize_name(entry.get("name"))))
+    return parsed
