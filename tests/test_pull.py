@@ -1,0 +1,192 @@
+"""Pull (FileDownloader / download_file) between real processes: sizes, pacing, callbacks, timeouts."""
+
+import os
+import re
+import signal
+
+import pytest
+
+from common.constants import DEFAULT_CHUNK_SIZE
+from nodes import Cell, FileDownloader, download_file
+from nodes import pull_wire as wire
+from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
+
+MiB = 1 << 20
+
+
+def test_sizes_round_trip_with_callbacks(procs, broker_address, tmp_path):
+    chunk = DEFAULT_CHUNK_SIZE
+    sizes = [0, 1, chunk - 1, chunk, chunk + 1, 5 * chunk + 17, 64 * MiB]
+    src = tmp_path / "src"
+    src.mkdir()
+    expected = {}
+    for size in sizes:
+        path = str(src / f"file-{size}.bin")
+        expected[path] = make_file(path, size)
+    owner, refs = start_owner(procs, broker_address, list(expected), tx_kwargs={"job": "j1"})
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[p] for p in expected])
+    results = receiver.wait("result", timeout=90, count=len(sizes))
+    for path, result in zip(expected, results):
+        assert result["error"] is None, result
+        assert result["path"] == str(out / os.path.basename(path))
+        assert sha256_of(result["path"]) == expected[path]
+    assert part_files(str(out)) == []
+
+    downloaded = owner.wait("downloaded", count=len(sizes))
+    by_file = {d["file"]: d for d in downloaded}
+    for index, path in enumerate(expected):
+        assert by_file[path] == {"ref": refs[path], "site": "site-1", "status": "success", "is_status": True,
+                                 "file": path, "kwargs": {"index": index}}
+
+
+def test_chunk_size_and_window_are_tunable(procs, broker_address, tmp_path):
+    source = str(tmp_path / "data.bin")
+    digest = make_file(source, 100 * 1024 + 5)
+    _owner, refs = start_owner(procs, broker_address, [source])
+    for window in (1, 3):
+        out = tmp_path / f"w{window}"
+        out.mkdir()
+        receiver = start_receiver(procs, broker_address, f"site-w{window}", str(out), [refs[source]],
+                                  chunk_size=4096, window=window)
+        result = receiver.one("result")
+        assert result["error"] is None
+        assert sha256_of(result["path"]) == digest
+
+
+def test_two_recipients_at_different_paces(procs, broker_address, tmp_path):
+    source = str(tmp_path / "model.pt")
+    digest = make_file(source, 2 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    slow_dir, fast_dir = tmp_path / "slow", tmp_path / "fast"
+    slow_dir.mkdir()
+    fast_dir.mkdir()
+    slow = start_receiver(procs, broker_address, "site-slow", str(slow_dir), [refs[source]],
+                          chunk_size=64 * 1024, delay=0.03, report=256 * 1024)
+    slow.one("progress")  # the slow one is under way before the fast one starts
+    fast = start_receiver(procs, broker_address, "site-fast", str(fast_dir), [refs[source]])
+    fast_result = fast.one("result")
+    assert fast_result["error"] is None
+    assert not slow.of("result"), "the fast recipient should not wait for the slow one"
+    slow_result = slow.one("result", timeout=60)
+    assert slow_result["error"] is None
+    assert sha256_of(fast_result["path"]) == sha256_of(slow_result["path"]) == digest
+    sites = [d["site"] for d in owner.wait("downloaded", count=2)]
+    assert sites == ["site-fast", "site-slow"]
+
+
+def test_timeout_fires_once_with_file_names_and_activity_keeps_it_alive(procs, broker_address, tmp_path):
+    files = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    for path in files:
+        make_file(path, MiB)
+    timeout = 1.0
+    owner, refs = start_owner(procs, broker_address, files, timeout=timeout, tx_kwargs={"round": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    # ~2.5 s of steady activity on one file, longer than the transaction timeout
+    receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[files[0]]],
+                              chunk_size=32 * 1024, window=2, delay=0.08)
+    result = receiver.one("result", timeout=60)
+    assert result["error"] is None and result["seconds"] > 2 * timeout
+    assert owner.of("timeout") == [], "the transaction timed out although a recipient was active"
+
+    fired = owner.one("timeout", timeout=timeout + 3)
+    assert fired["files"] == files and fired["kwargs"] == {"round": 3}
+    # its RIDs are gone now
+    late = start_receiver(procs, broker_address, "site-2", str(out), [refs[files[1]]])
+    assert "unknown or expired reference" in late.one("result")["error"]
+    assert len(owner.of("timeout")) == 1
+
+
+def test_retry_after_finishing_gets_clean_eof_and_no_second_callback(procs, broker_address, tmp_path):
+    source = str(tmp_path / "w.bin")
+    size = MiB + 3
+    digest = make_file(source, size)
+    owner, refs = start_owner(procs, broker_address, [source])
+    ref = refs[source]
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    receiver = start_receiver(procs, broker_address, "site-1", str(first), [ref])
+    assert receiver.one("result")["error"] is None
+    owner.one("downloaded")
+    with Cell("site-1", broker_address) as cell:  # the same recipient, retrying
+        for offset in (size, size + 10 * MiB):
+            eof = cell.request(wire.CHANNEL, wire.TOPIC_CHUNK, "owner",
+                               headers={"ref": ref, "off": offset, "len": MiB}, timeout=10)
+            assert eof.headers == {} and eof.payload == b""
+        error, path = download_file("owner", ref, 10, cell, str(second))
+        assert error is None and sha256_of(path) == digest
+    other = start_receiver(procs, broker_address, "site-2", str(second), [ref])
+    assert other.one("result")["error"] is None
+    downloaded = owner.wait("downloaded", count=2)
+    assert [d["site"] for d in downloaded] == ["site-1", "site-2"]
+    assert len(owner.of("downloaded")) == 2
+
+
+def test_shutdown_ends_transactions_and_reports_unfinished_recipients(procs, broker_address, tmp_path):
+    source = str(tmp_path / "big.bin")
+    make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source], tx_kwargs={"k": "v"})
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
+                              chunk_size=64 * 1024, delay=0.05, report=128 * 1024)
+    receiver.one("progress")
+    owner.proc.signal(signal.SIGUSR1)  # the owner calls FileDownloader.shutdown()
+    failed = owner.one("downloaded")
+    assert (failed["site"], failed["status"], failed["file"]) == ("site-1", "failed", source)
+    assert owner.one("timeout") == {"tx": owner.of("ref")[0]["tx"], "files": [source], "kwargs": {"k": "v"}}
+    result = receiver.one("result", timeout=30)
+    assert "unknown or expired reference" in result["error"] and result["path"] is None
+    assert part_files(str(out)) == []
+    assert len(owner.of("downloaded")) == 1
+
+
+def test_rids_are_random_and_only_serve_their_own_file(broker_address, tmp_path):
+    shared = tmp_path / "shared.bin"
+    secret = tmp_path / "secret.bin"
+    shared.write_bytes(b"shared data")
+    secret.write_bytes(b"secret data")
+    with Cell("owner-a", broker_address) as a, Cell("owner-b", broker_address) as b, \
+            Cell("asker", broker_address) as asker:
+        tx_a = FileDownloader.new_transaction(a, 30, None)
+        tx_b = FileDownloader.new_transaction(b, 30, None)
+        refs = {FileDownloader.add_file(tx_a, str(shared)) for _ in range(50)}
+        ref_b = FileDownloader.add_file(tx_b, str(secret))
+        try:
+            assert len(refs) == 50
+            assert all(re.fullmatch(r"[0-9a-f]{32}", r) for r in refs)  # 128 random bits each
+
+            def chunk(target, headers):
+                return asker.request(wire.CHANNEL, wire.TOPIC_CHUNK, target, headers=headers, timeout=10)
+
+            ref_a = next(iter(refs))
+            assert chunk("owner-a", {"ref": ref_a, "off": 0, "len": 100}).payload == b"shared data"
+            # a RID of another cell's transaction, paths and junk are all unknown here
+            for bad in (ref_b, str(secret), "../secret.bin", "", None, 7, ref_a.upper()):
+                reply = chunk("owner-a", {"ref": bad, "off": 0, "len": 100, "path": str(secret)})
+                assert reply.payload is None and reply.headers["err"] == wire.ERR_UNKNOWN_REF
+            for off, length in ((-1, 10), (0, 0), (0, 1 << 40), ("0", 10), (0.5, 10)):
+                reply = chunk("owner-a", {"ref": ref_a, "off": off, "len": length})
+                assert reply.headers["err"] == wire.ERR_BAD_REQUEST
+        finally:
+            FileDownloader.delete_transaction(tx_a)
+            FileDownloader.delete_transaction(tx_b)
+        reply = asker.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner-a", headers={"ref": ref_a}, timeout=10)
+        assert reply.headers["err"] == wire.ERR_UNKNOWN_REF
+
+
+@pytest.mark.parametrize("call_cb", [False, True])
+def test_delete_transaction_calls_timeout_cb_only_when_asked(broker_address, tmp_path, call_cb):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    calls = []
+    with Cell("owner", broker_address) as cell:
+        tx = FileDownloader.new_transaction(cell, 30, lambda tx_id, names, **kw: calls.append((tx_id, names, kw)),
+                                            a=1)
+        FileDownloader.add_file(tx, str(path))
+        FileDownloader.delete_transaction(tx, call_cb=call_cb)
+        FileDownloader.delete_transaction(tx, call_cb=True)  # already ended: nothing happens
+    assert calls == ([(tx, [str(path)], {"a": 1})] if call_cb else [])
