@@ -78,3 +78,4 @@ def broker_command(bind: str, node_timeout: float, verbose: int) -> None:
 
 from nodes import cli_node, cli_simulate  # noqa: E402,F401  (registers their commands)
 from nodes import cli_push  # noqa: E402,F401
+from nodes import cli_pull  # noqa: E402,F401
