@@ -1,0 +1,217 @@
+"""Pull failures: bad and expired RIDs, killed or frozen peers, resume, abort, bad input."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from common import Signal
+from nodes import Cell, FileDownloader, download_file
+from nodes.pull_receiver import part_path
+from tests.procs import wait_until
+from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
+
+MiB = 1 << 20
+UNKNOWN_RID = "0123456789abcdef0123456789abcdef"
+
+
+def test_unknown_rid_fails_at_once_and_removes_its_part(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 1000)
+    start_owner(procs, broker_address, [source])
+    stale = part_path(str(tmp_path), UNKNOWN_RID)
+    with open(stale, "wb") as part:
+        part.write(b"left over")
+    with Cell("site-1", broker_address) as cell:
+        started = time.monotonic()
+        error, path = download_file("owner", UNKNOWN_RID, 60, cell, str(tmp_path))
+        assert time.monotonic() - started < 5
+    assert path is None and "unknown or expired reference" in error and UNKNOWN_RID in error
+    assert not os.path.exists(stale)
+
+
+def test_expired_rid_is_refused(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 1000)
+    owner, refs = start_owner(procs, broker_address, [source], timeout=0.5)
+    owner.one("timeout", timeout=10)
+    receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=60)
+    result = receiver.one("result", timeout=10)
+    assert "unknown or expired reference" in result["error"] and result["seconds"] < 5
+    assert os.path.exists(source), "the owner must never delete the shared file"
+
+
+def test_recipient_killed_mid_download_resumes_to_the_same_file(procs, broker_address, tmp_path):
+    source = str(tmp_path / "weights.bin")
+    size = 8 * MiB + 123
+    digest = make_file(source, size)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    first = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
+                           chunk_size=128 * 1024, delay=0.02, report=MiB)
+    first.wait("progress", where=lambda e: e["received"] >= 2 * MiB)
+    first.proc.kill()
+    parts = part_files(str(out))
+    assert len(parts) == 1
+    kept = os.path.getsize(out / parts[0])
+    assert 2 * MiB <= kept < size
+
+    second = start_receiver(procs, broker_address, "site-1b", str(out), [refs[source]])
+    start = second.one("start")
+    assert start["received"] == kept and start["total"] == size  # resumed, not restarted
+    result = second.one("result")
+    assert result["error"] is None and sha256_of(result["path"]) == digest
+    assert part_files(str(out)) == []
+    done = owner.one("downloaded")
+    assert (done["site"], done["status"]) == ("site-1b", "success")
+
+
+def test_owner_killed_mid_download_gives_an_error_and_keeps_the_part(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=2,
+                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+    receiver.one("progress")
+    owner.proc.kill()
+    killed_at = time.monotonic()
+    result = receiver.one("result", timeout=30)
+    assert result["path"] is None and "owner" in result["error"]
+    assert time.monotonic() - killed_at < 2 + 5  # the timeout, plus a process start's worth of slack
+    assert len(part_files(str(tmp_path))) == 1  # kept for a later resume
+
+
+def test_frozen_owner_gives_an_error_after_the_timeout_not_a_hang(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=1,
+                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+    receiver.one("progress")
+    owner.proc.signal(signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        result = receiver.one("result", timeout=30)
+        assert result["path"] is None and "owner" in result["error"]
+        assert time.monotonic() - frozen_at < 3 * 1 + 5  # three attempts of one timeout each, plus slack
+    finally:
+        owner.proc.signal(signal.SIGCONT)
+
+
+def test_abort_signal_stops_the_download_and_removes_the_part(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
+                              chunk_size=64 * 1024, delay=0.01, abort_after=MiB)
+    result = receiver.one("result")
+    assert result["path"] is None and "aborted" in result["error"]
+    assert os.listdir(out) == []
+    gave_up = owner.one("downloaded")  # the recipient told the owner it gave up
+    assert (gave_up["site"], gave_up["status"]) == ("site-1", "failed")
+
+
+def test_source_changed_during_the_transfer_is_an_error(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 4 * MiB)
+    _owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
+                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+    receiver.one("progress")
+    with open(source, "ab") as grow:
+        grow.write(b"more")
+    result = receiver.one("result")
+    assert result["path"] is None and "changed" in result["error"]
+    assert os.listdir(out) == []
+
+
+def test_concurrent_downloads_of_one_rid_into_one_dir_do_not_collide(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    digest = make_file(source, 2 * MiB)
+    _owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    first = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
+                           chunk_size=64 * 1024, delay=0.02, report=64 * 1024)
+    first.one("progress")
+    second = start_receiver(procs, broker_address, "site-2", str(out), [refs[source]])
+    assert "in progress" in second.one("result")["error"]
+    result = first.one("result")
+    assert result["error"] is None and sha256_of(result["path"]) == digest
+    assert os.listdir(out) == ["f.bin"]
+
+
+def test_bad_input_raises_value_error(broker_address, tmp_path):
+    some_file = tmp_path / "f.bin"
+    some_file.write_bytes(b"x")
+    with Cell("site-1", broker_address) as cell:
+        for timeout in (0, -1, float("nan"), "5", True):
+            with pytest.raises(ValueError, match="timeout must be a positive number"):
+                FileDownloader.new_transaction(cell, timeout, None)
+        with pytest.raises(ValueError, match="needs a Cell"):
+            FileDownloader.new_transaction("site-1", 10, None)
+        with pytest.raises(ValueError, match="Unknown transaction"):
+            FileDownloader.add_file("no-such-tx", str(some_file))
+        tx = FileDownloader.new_transaction(cell, 10, None)
+        try:
+            with pytest.raises(ValueError, match="does not exist"):
+                FileDownloader.add_file(tx, str(tmp_path / "missing.bin"))
+            with pytest.raises(ValueError, match="does not exist or is not a regular file"):
+                FileDownloader.add_file(tx, str(tmp_path))
+            with pytest.raises(ValueError, match="callable"):
+                FileDownloader.add_file(tx, str(some_file), file_downloaded_cb="nope")
+        finally:
+            FileDownloader.delete_transaction(tx)
+        with pytest.raises(ValueError, match="Unknown transaction"):
+            FileDownloader.add_file(tx, str(some_file))
+
+        good = ("owner", UNKNOWN_RID, 5, cell, str(tmp_path))
+        for args, message in [
+            (("owner", UNKNOWN_RID, 5, cell, str(some_file)), "is not a directory"),
+            (("owner", UNKNOWN_RID, 5, cell, str(tmp_path / "nowhere")), "is not a directory"),
+            (("owner", "../../etc/passwd", 5, cell, str(tmp_path)), "not a valid reference id"),
+            (("owner", None, 5, cell, str(tmp_path)), "not a valid reference id"),
+            (("owner", UNKNOWN_RID, 0, cell, str(tmp_path)), "per_request_timeout must be a positive"),
+            (("owner", UNKNOWN_RID, -3, cell, str(tmp_path)), "per_request_timeout must be a positive"),
+            (("bad name", UNKNOWN_RID, 5, cell, str(tmp_path)), "Invalid FQCN"),
+            (("owner", UNKNOWN_RID, 5, "cell", str(tmp_path)), "needs a Cell"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                download_file(*args)
+        with pytest.raises(ValueError, match="chunk_size"):
+            download_file(*good, chunk_size=0)
+        with pytest.raises(ValueError, match="window"):
+            download_file(*good, window=0)
+        with pytest.raises(ValueError, match="secure=True is not supported"):
+            download_file(*good, secure=True)
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_abort_signal_also_interrupts_a_wait_for_a_silent_owner(procs, broker_address, tmp_path):
+    source = str(tmp_path / "f.bin")
+    make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    owner.proc.signal(signal.SIGSTOP)
+    abort = Signal()
+    outcome = {}
+    try:
+        with Cell("site-1", broker_address) as cell:
+            worker = threading.Thread(target=lambda: outcome.update(
+                result=download_file("owner", refs[source], 60, cell, str(tmp_path), abort_signal=abort)))
+            worker.start()
+            wait_until(lambda: part_files(str(tmp_path)), 10)
+            abort.trigger()
+            worker.join(5)
+            assert not worker.is_alive()
+    finally:
+        owner.proc.signal(signal.SIGCONT)
+    error, path = outcome["result"]
+    assert path is None and "aborted" in error
+    assert part_files(str(tmp_path)) == []
