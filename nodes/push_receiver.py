@@ -416,8 +416,11 @@ class _ReceiverHub:
         return _Stream(self, cell, reg, info, owner, path, fd)
 
     def _stream_from_owner(self, message: Message) -> Optional[_Stream]:
+        sid = message.headers.get("sid")
+        if not isinstance(sid, str):
+            return None
         with self._lock:
-            stream = self._streams.get(message.headers.get("sid"))  # type: ignore[arg-type]
+            stream = self._streams.get(sid)
         return stream if stream is not None and stream.owner == message.source else None
 
     def _on_verify(self, message: Message) -> Reply:
@@ -437,9 +440,9 @@ class _ReceiverHub:
         if not wire.is_stream_id(sid):
             return
         with self._lock:
-            stream = self._streams.get(sid)  # type: ignore[arg-type]
+            stream = self._streams.get(sid)
             if stream is None:
-                self._remember_ended(sid)  # type: ignore[arg-type]
+                self._remember_ended(sid)
                 return
         if stream.owner == message.source:
             reason = message.headers.get("reason") or "the sender aborted the stream"

@@ -15,7 +15,6 @@ Flow of one stream (see nodes/push_wire.py for the messages):
 """
 
 import logging
-import math
 import os
 import queue
 import stat
@@ -124,7 +123,8 @@ class _OwnerHub:
             self._sessions.pop(session.sid, None)
 
     def _find(self, message: Message) -> Optional[_Session]:
-        session = self._sessions.get(message.headers.get("sid"))  # type: ignore[arg-type]
+        sid = message.headers.get("sid")
+        session = self._sessions.get(sid) if isinstance(sid, str) else None
         if session is None or message.source not in session.targets:
             return None
         return session
@@ -200,6 +200,8 @@ def check_push_args(channel: object, topic: object, stream_ctx: object, targets:
     for what, value in (("channel", channel), ("topic", topic)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{what} must be a non-empty string, got {value!r}.")
+    if channel == wire.CONTROL_CHANNEL:
+        raise ValueError(f"channel {channel!r} is reserved by fedstream.")
     if stream_ctx is not None:
         if not isinstance(stream_ctx, Mapping):
             raise ValueError(f"stream_ctx must be a dict, got {type(stream_ctx).__name__}.")
@@ -225,8 +227,9 @@ def check_push_args(channel: object, topic: object, stream_ctx: object, targets:
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be a positive number of bytes up to {MAX_CHUNK_SIZE}, got {chunk_size!r}.")
     timeout = DEFAULT_CHUNK_TIMEOUT if chunk_timeout is None else chunk_timeout
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout < math.inf:
-        raise ValueError(f"chunk_timeout must be a positive number of seconds, got {chunk_timeout!r}.")
+    limit = wire.MAX_CHUNK_TIMEOUT
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= limit:
+        raise ValueError(f"chunk_timeout must be a positive number of seconds up to {limit:g}, got {chunk_timeout!r}.")
     return target_list, size, float(timeout)
 
 

@@ -41,6 +41,8 @@ EV_READY = "ready"
 EV_ACK = "ack"
 EV_FAIL = "fail"
 
+MAX_CHUNK_TIMEOUT = 3600.0
+
 WINDOW_BYTES = 16 << 20  # 16 MiB in flight: 20-25% faster than 8 MiB to one target here, same peak RSS class
 REPAIR_BYTES = 8 << 20
 MIN_WINDOW = 2
@@ -115,8 +117,8 @@ def check_start(info: object) -> dict:
     if not MIN_WINDOW <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} is outside {MIN_WINDOW}..{MAX_WINDOW}")
     timeout = info.get("chunk_timeout")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 3600:
-        raise ValueError("chunk_timeout must be a number of seconds in (0, 3600]")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= MAX_CHUNK_TIMEOUT:
+        raise ValueError(f"chunk_timeout must be a number of seconds in (0, {MAX_CHUNK_TIMEOUT:g}]")
     if not isinstance(info.get("name"), str):
         raise ValueError("the file name is missing")
     if not isinstance(info.get("ctx"), dict):
