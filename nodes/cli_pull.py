@@ -143,9 +143,14 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
             raise ValueError(f"{ref_id!r} is not a valid reference id.")
         if timeout <= 0:
             raise ValueError(f"--timeout must be positive, got {timeout:g}.")
-        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"Output directory {out_dir!r} is not a directory.")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"Cannot create the output directory {out_dir!r}: {exc.strerror}.") from None
         cell = Cell(name or default_cli_name("get"), broker_url)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         fail(str(exc))
     try:
         cell.start()
