@@ -8,7 +8,7 @@ import time
 
 from common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
 from tests.procs import REPO
-from tests.push_support import check_received, listing, make_file, next_done, start_receiver
+from tests.push_support import check_received, listing, make_file, next_done, sha256_of, start_receiver
 
 TOPICS = [[DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC]]
 
@@ -89,3 +89,20 @@ def test_progress_bar_on_a_terminal_and_quiet(procs, broker_address, tmp_path):
         assert next_done(site)["rc"] == "OK"
     assert "100%" in outputs[False] and "f.bin [" in outputs[False]
     assert outputs[True] == ""
+
+
+def test_push_to_fedstream_node_processes(procs, broker_address, tmp_path):
+    src = str(tmp_path / "model.pt")
+    sha = make_file(src, 5 * 1024 * 1024 + 3)
+    nodes = {}
+    for name in ("site-1", "site-2"):
+        nodes[name] = procs.fedstream("node", name, "--broker", broker_address, "--recv-dir", str(tmp_path / name))
+        nodes[name].expect(f"ready\t{name}", 30)
+    for _ in range(2):  # the second copy gets a numbered name instead of overwriting the first
+        push = procs.fedstream("push", src, "--to", "site-1,site-2", "--broker", broker_address, "--quiet")
+        assert push.wait(60) == 0, push.stderr
+    for name, node in nodes.items():
+        paths = [node.expect("received\tpush\t", 30).split("\t")[2] for _ in range(2)]
+        assert sorted(os.path.basename(p) for p in paths) == ["model (1).pt", "model.pt"]
+        for path in paths:
+            assert os.path.dirname(path) == str(tmp_path / name) and sha256_of(path) == sha
