@@ -17,7 +17,7 @@ from common.fqcn import validate_fqcn
 from nodes import pull_wire as wire
 from nodes.cell import Cell
 from nodes.message import Message
-from nodes.pull_receiver import download_file
+from nodes.pull_receiver import download_file, report_give_up
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,18 @@ def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultC
         raise ValueError(f"per_request_timeout must be positive, got {per_request_timeout!r}.")
     workers = ThreadPoolExecutor(_DOWNLOAD_WORKERS, thread_name_prefix=f"fedstream-pull-{cell.fqcn}")
     closed = threading.Event()
+    lock = threading.Lock()
+    taken: set[tuple[str, str]] = set()  # (owner, ref) already accepted: repeated announcements are skipped
 
     def fetch(owner: str, ref: str, name: str) -> None:
         if closed.is_set():
             return
-        err, path = download_file(owner, ref, per_request_timeout, cell, recv_dir)
+        try:
+            err, path = download_file(owner, ref, per_request_timeout, cell, recv_dir)
+        except ValueError as exc:  # e.g. recv_dir was removed meanwhile
+            err, path = str(exc), None
+        if err is not None and not closed.is_set():
+            report_give_up(cell, owner, ref)  # nobody will resume it: let the owner know now
         try:
             if err is None:
                 on_result(KIND_PULL, True, path, owner)
@@ -90,6 +97,10 @@ def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultC
         if closed.is_set():
             raise RuntimeError(f"'{cell.fqcn}' is shutting down")
         for ref, name in files:
+            with lock:
+                if (msg.source, ref) in taken:
+                    continue
+                taken.add((msg.source, ref))
             workers.submit(fetch, msg.source, ref, name)
         log.info("'%s' announced %d file(s)", msg.source, len(files))
         return {"accepted": len(files)}

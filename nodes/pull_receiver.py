@@ -290,11 +290,15 @@ class _Download:
             time.sleep(min(left, _TICK))
 
     def _report_give_up(self) -> None:
-        try:
-            self.cell.fire_and_forget(wire.CHANNEL, wire.TOPIC_DONE, self.owner, None,
-                                      headers={"ref": self.ref_id, "gave_up": True})
-        except CellError:
-            pass
+        report_give_up(self.cell, self.owner, self.ref_id)
+
+
+def report_give_up(cell: Cell, owner: str, ref_id: str) -> None:
+    """Tell the owner (best effort) that this cell will not download `ref_id`: it reports FAILED at once."""
+    try:
+        cell.fire_and_forget(wire.CHANNEL, wire.TOPIC_DONE, owner, None, headers={"ref": ref_id, "gave_up": True})
+    except CellError:
+        pass
 
 
 def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell: Cell,

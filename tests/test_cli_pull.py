@@ -120,3 +120,15 @@ def test_get_progress_bar_on_a_terminal_and_quiet(procs, broker_address, tmp_pat
         outputs[quiet] = b"".join(chunks).decode()
     assert "100%" in outputs[False] and "from owner" in outputs[False]
     assert outputs[True] == ""
+
+
+def test_serve_ends_with_an_error_as_soon_as_an_announced_node_fails(procs, broker_address, tmp_path):
+    recv_dir = tmp_path / "site-1"
+    node = procs.fedstream("node", "site-1", "--broker", broker_address, "--recv-dir", str(recv_dir))
+    node.expect("ready\tsite-1")
+    recv_dir.rmdir()  # the node cannot store anything now
+    src = str(tmp_path / "f.bin")
+    make_file(src, 1000)
+    serve = procs.fedstream("serve", src, "--broker", broker_address, "--announce-to", "site-1", "--timeout", "300")
+    assert node.expect("failed\tpull\tf.bin\t", timeout=20)
+    assert_one_line_error(serve, "'site-1' did not get")

@@ -190,3 +190,22 @@ def test_delete_transaction_calls_timeout_cb_only_when_asked(broker_address, tmp
         FileDownloader.delete_transaction(tx, call_cb=call_cb)
         FileDownloader.delete_transaction(tx, call_cb=True)  # already ended: nothing happens
     assert calls == ([(tx, [str(path)], {"a": 1})] if call_cb else [])
+
+
+def test_stopping_the_owner_cell_ends_its_transactions(broker_address, tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("x")
+    (tmp_path / "out").mkdir()
+    calls = []
+    cell = Cell("owner", broker_address).start()
+    tx = FileDownloader.new_transaction(cell, 30, lambda tx_id, names: calls.append((tx_id, names)))
+    ref = FileDownloader.add_file(tx, str(path))
+    with Cell("site-1", broker_address) as site:
+        error, received = download_file("owner", ref, 10, site, str(tmp_path / "out"))
+        assert error is None and open(received).read() == "x"
+        cell.stop()
+        assert calls == [(tx, [str(path)])]
+        error, _ = download_file("owner", ref, 1, site, str(tmp_path / "out"))
+        assert "'owner' is not connected" in error
+    with pytest.raises(ValueError, match="Unknown transaction"):
+        FileDownloader.add_file(tx, str(path))
