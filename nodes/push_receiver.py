@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 64  # concurrent incoming streams per cell
 _MAX_HOLES = 1024  # missing chunks named in one repair request
+_COMPLETE_POLL_MS = 10
 _ENDED_MEMORY = 4096  # ended stream ids remembered (a late "start" for one is refused)
 
 StreamCallback = Callable[..., Any]
@@ -184,7 +185,8 @@ class _Stream:
             self.last_heard = time.monotonic()
             poll_ms = int(min(0.1, self.nudge_interval) * 1000)
             while not self.ended.is_set():
-                if sub.poll(poll_ms, zmq.POLLIN):
+                # once complete, look often at the end of the stream: stream_done_cb follows commit closely
+                if sub.poll(_COMPLETE_POLL_MS if self.prefix >= self.count else poll_ms, zmq.POLLIN):
                     self._drain(sub)
                 self._ack()
                 if self.ended.is_set():

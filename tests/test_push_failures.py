@@ -284,3 +284,28 @@ def test_receiver_cell_stopping_fails_the_push_at_once(tmp_path):
     assert box["ended"] - stopped < 2.0  # told at once, not after chunk_timeout
     assert outcomes == [ReturnCode.TASK_ABORTED]
     assert os.listdir(dest) == []
+
+
+def test_malformed_start_requests_are_refused_without_leaving_files(tmp_path):
+    from nodes import push_wire as wire
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    good = {"v": wire.WIRE_VERSION, "sid": wire.new_stream_id(), "name": "x.bin", "size": 10, "chunk_size": 4,
+            "count": 3, "window": 2, "chunk_timeout": 1.0, "algo": "xxh3_128", "ctx": {}}
+    bad = [
+        "not an object", {**good, "v": 99}, {**good, "sid": "short"}, {**good, "sid": "../../../../etc/pass"},
+        {**good, "size": -1}, {**good, "count": 2}, {**good, "chunk_size": 0}, {**good, "window": 10_000},
+        {**good, "chunk_timeout": 0}, {**good, "ctx": []}, {**good, "name": None}, {**good, "algo": "md5"},
+        {**good, "size": 1 << 62, "chunk_size": 1 << 20, "count": 1 << 42},  # more than the disk holds
+    ]
+    with Broker(bind="tcp://127.0.0.1:0") as broker, Cell("site-1", broker.address) as site, \
+            Cell("peer", broker.address) as peer:
+        FileStreamer.register_stream_processing(FLContext(site), CHANNEL, TOPIC, dest_dir=str(dest))
+        for payload in bad:
+            reply = peer.request(CHANNEL, TOPIC, "site-1", payload=payload, timeout=5)
+            assert reply.headers.get("error") and not reply.headers.get("ok"), payload
+        for topic in (wire.TOPIC_VERIFY, wire.TOPIC_COMMIT):  # nobody but a stream's owner may finish it
+            reply = peer.request(wire.CONTROL_CHANNEL, topic, "site-1", headers={"sid": ["x"]}, timeout=5)
+            assert reply.headers.get("error") == "unknown stream"
+    assert os.listdir(dest) == []
