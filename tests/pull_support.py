@@ -1,6 +1,7 @@
 """Owner and recipient processes for the pull tests, and a reader of their event lines.
 
-Both print one event per line: `<kind> <json>`.
+Both print one event per line: `<kind> <json>`; "at" fields are time.monotonic() values, which
+processes on one machine share.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ def emit(kind, **data):
     print(kind, json.dumps(data), flush=True)
 
 def on_timeout(tx_id, file_names, **kwargs):
-    emit("timeout", tx=tx_id, files=file_names, kwargs=kwargs)
+    emit("timeout", tx=tx_id, files=file_names, kwargs=kwargs, at=time.monotonic())
 
 def on_downloaded(ref_id, to_site, status, file_name, **kwargs):
     emit("downloaded", ref=ref_id, site=to_site, status=str(status),
@@ -77,7 +78,7 @@ with Cell(name, broker) as cell:
         started = time.monotonic()
         error, path = download_file(owner, ref, timeout, cell, location, abort_signal=abort,
                                     progress_cb=progress, **options)
-        emit("result", ref=ref, error=error, path=path, seconds=time.monotonic() - started)
+        emit("result", ref=ref, error=error, path=path, seconds=time.monotonic() - started, at=time.monotonic())
 emit("finished")
 """
 

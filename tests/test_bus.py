@@ -143,11 +143,11 @@ def test_a_peer_that_never_reads_does_not_stall_others(procs, broker_address, ce
     stuck = start_echo(procs, "stuck", broker_address)
     start_echo(procs, "site-1", broker_address)
     stuck.signal(signal.SIGSTOP)
-    blob = os.urandom(256 * 1024)
+    blob = os.urandom(64 * 1024)
     done = threading.Event()
 
     def flood():
-        for _ in range(2000):  # 500 MiB aimed at a process that reads nothing
+        for _ in range(4000):  # 256 MiB aimed at a process that reads nothing
             cell.fire_and_forget("test", "flood", "stuck", blob)
         done.set()
 
@@ -238,3 +238,16 @@ def test_a_killed_nodes_name_can_be_reused_at_once(procs, broker_address):
             return False
 
     wait_until(registers, 3, interval=0.2)  # well before the 5 s liveness timeout
+
+
+def test_messages_sent_just_before_stop_are_delivered(broker_address):
+    got = []
+    with Cell("receiver", broker_address) as receiver:
+        receiver.register_request_cb("test", "n", lambda m: got.append(m.payload))
+        for round_ in range(5):  # the same name reconnects at once each round
+            sender = Cell("sender", broker_address).start()
+            for i in range(100):
+                sender.fire_and_forget("test", "n", "receiver", [round_, i])
+            sender.stop()
+        wait_until(lambda: len(got) == 500, 10)
+    assert sorted(map(tuple, got)) == [(r, i) for r in range(5) for i in range(100)]

@@ -51,7 +51,7 @@ def test_recipient_killed_mid_download_resumes_to_the_same_file(procs, broker_ad
     out = tmp_path / "out"
     out.mkdir()
     first = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
-                           chunk_size=128 * 1024, delay=0.02, report=MiB)
+                           chunk_size=128 * 1024, delay=0.05, report=MiB)
     first.wait("progress", where=lambda e: e["received"] >= 2 * MiB)
     first.proc.kill()
     parts = part_files(str(out))
@@ -74,7 +74,7 @@ def test_owner_killed_mid_download_gives_an_error_and_keeps_the_part(procs, brok
     make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=2,
-                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+                              chunk_size=64 * 1024, delay=0.04, report=256 * 1024)
     receiver.one("progress")
     owner.proc.kill()
     killed_at = time.monotonic()
@@ -89,7 +89,7 @@ def test_frozen_owner_gives_an_error_after_the_timeout_not_a_hang(procs, broker_
     make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=1,
-                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+                              chunk_size=64 * 1024, delay=0.04, report=256 * 1024)
     receiver.one("progress")
     owner.proc.signal(signal.SIGSTOP)
     try:
@@ -123,7 +123,7 @@ def test_source_changed_during_the_transfer_is_an_error(procs, broker_address, t
     out = tmp_path / "out"
     out.mkdir()
     receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
-                              chunk_size=64 * 1024, delay=0.02, report=256 * 1024)
+                              chunk_size=64 * 1024, delay=0.04, report=256 * 1024)
     receiver.one("progress")
     with open(source, "ab") as grow:
         grow.write(b"more")
@@ -139,7 +139,7 @@ def test_concurrent_downloads_of_one_rid_into_one_dir_do_not_collide(procs, brok
     out = tmp_path / "out"
     out.mkdir()
     first = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
-                           chunk_size=64 * 1024, delay=0.02, report=64 * 1024)
+                           chunk_size=32 * 1024, delay=0.05, report=32 * 1024)
     first.one("progress")
     second = start_receiver(procs, broker_address, "site-2", str(out), [refs[source]])
     assert "in progress" in second.one("result")["error"]
