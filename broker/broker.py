@@ -20,7 +20,7 @@ _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
 _FANOUT_HWM = 1000
-_ROUTER_HWM = 128  # per peer; at 1 MiB chunks this bounds a stuck peer's queue to 128 MiB
+_ROUTER_HWM = 1000  # messages queued per peer before the broker answers "not keeping up"
 
 
 def split_tcp_address(address: str) -> tuple[str, int]:
@@ -264,7 +264,7 @@ class Broker:
         if holder is not None and holder.identity != identity:
             if self._send([holder.identity, proto.HEARTBEAT_ACK]) == "gone":
                 log.info("node '%s' is gone; its name is free", fqcn)
-                self.registry.remove_identity(holder.identity)
+                self.registry.release_name(fqcn)
 
     def _handle_send(self, identity: bytes, frames: list, now: float) -> None:
         if len(frames) < 4:

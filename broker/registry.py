@@ -28,7 +28,7 @@ class Registry:
         if holder is not None and holder.identity != identity:
             if now - holder.last_seen <= self.node_timeout:
                 return f"the name '{fqcn}' is already used by another live node"
-            self.remove_identity(holder.identity)
+            self.release_name(fqcn)
         self.remove_identity(identity)
         entry = NodeEntry(fqcn, identity, now)
         self._by_fqcn[fqcn] = entry
@@ -47,16 +47,21 @@ class Registry:
 
     def remove_identity(self, identity: bytes) -> "NodeEntry | None":
         entry = self._by_identity.pop(identity, None)
-        if entry is not None:
-            self._by_fqcn.pop(entry.fqcn, None)
+        if entry is not None and self._by_fqcn.get(entry.fqcn) is entry:
+            del self._by_fqcn[entry.fqcn]
         return entry
 
+    def release_name(self, fqcn: str) -> None:
+        """Free `fqcn` for a new connection; messages still queued from the old one keep their name."""
+        self._by_fqcn.pop(fqcn, None)
+
     def expire(self, now: float) -> list[NodeEntry]:
-        """Drop and return the nodes not heard from within the node timeout."""
+        """Drop the connections not heard from within the node timeout; return the names that lost their node."""
         dead = [e for e in self._by_identity.values() if now - e.last_seen > self.node_timeout]
+        named = [e for e in dead if self._by_fqcn.get(e.fqcn) is e]
         for entry in dead:
             self.remove_identity(entry.identity)
-        return dead
+        return named
 
     def names(self) -> list[str]:
         return sorted(self._by_fqcn)

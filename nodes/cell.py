@@ -37,6 +37,7 @@ DEFAULT_HEARTBEAT = 1.0
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
 _REGISTER_RETRY = 0.1  # seconds between registration attempts while not registered
+_STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
 
 
@@ -368,7 +369,23 @@ class Cell:
                     retry = self._hb_interval if self._reg_reason else _REGISTER_RETRY
                     next_beat = now + min(retry, self._hb_interval)
         if self._registered.is_set():
+            self._drain_outbox(_STOP_DRAIN)
             self._to_broker([proto.BYE])
+
+    def _drain_outbox(self, timeout: float) -> None:
+        """Forward what other threads sent before stop(), so nothing already sent is lost."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._backlog:
+                if self._dealer.poll(50, zmq.POLLOUT):
+                    self._flush_backlog()
+                continue
+            try:
+                frames = self._out_pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) > 1 or len(frames[0]):
+                self._to_broker(frames)
 
     def _register_with_broker(self) -> None:
         self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json({"v": proto.VERSION})])
