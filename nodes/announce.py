@@ -85,10 +85,10 @@ def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultC
         if err is not None and not closed.is_set():
             report_give_up(cell, owner, ref)  # nobody will resume it: let the owner know now
         try:
-            if err is None:
+            if path is not None:
                 on_result(KIND_PULL, True, path, owner)
             else:
-                on_result(KIND_PULL, False, name, err)
+                on_result(KIND_PULL, False, name, err or "unknown error")
         except Exception:
             log.exception("on_result raised an exception (ignored)")
 
@@ -125,5 +125,5 @@ def _parse(payload: object) -> list[tuple[str, str]]:
         ref = entry.get("ref") if isinstance(entry, dict) else None
         if not wire.is_valid_ref(ref):
             raise ValueError("an announced reference id is malformed")
-        parsed.append((ref, sanitize_name(entry.get("name"))))
+        parsed.append((str(ref), sanitize_name(entry.get("name"))))
     return parsed

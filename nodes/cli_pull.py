@@ -81,22 +81,24 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
 
     tx = FileDownloader.new_transaction(cell, timeout, on_timeout)
     try:
-        shared = []
+        refs: list[str] = []
+        shared: list[dict] = []
         for file in files:
             ref_id = FileDownloader.add_file(tx, file, file_downloaded_cb=downloaded)
             path = os.path.abspath(file)
+            refs.append(ref_id)
             shared.append({"ref": ref_id, "name": os.path.basename(path), "size": os.path.getsize(path)})
             click.echo(f"{ref_id}\t{path}")
         sys.stdout.flush()
         if targets:
             with lock:
-                waiting.update((entry["ref"], site) for entry in shared for site in targets)
+                waiting.update((ref_id, site) for ref_id in refs for site in targets)
             for site, error in announce(cell, targets, shared).items():
                 if error is None:
                     continue
                 with lock:
                     failed.append(f"announcement to '{site}' failed: {error}")
-                    waiting.difference_update({(entry["ref"], site) for entry in shared})
+                    waiting.difference_update({(ref_id, site) for ref_id in refs})
                     if not waiting:
                         stop.set()
         wait_for_termination(stop)

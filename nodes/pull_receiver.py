@@ -77,7 +77,7 @@ def _open_locked(path: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _Failed(f"another download of this reference into {os.path.dirname(path)} is in progress")
+            raise _Failed(f"another download of this reference into {os.path.dirname(path)} is in progress") from None
         held = os.fstat(fd)
         try:
             current = os.stat(path, follow_symlinks=False)
