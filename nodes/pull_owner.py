@@ -164,7 +164,7 @@ class _SharedFile:
 
     def report(self, site: str, status: DownloadStatus) -> None:
         """Call file_downloaded_cb for `site` (the caller made sure it is the first time)."""
-        log.info("%s downloaded by '%s': %s", self.file_name, site, status.value)
+        log.info("download of %s by '%s': %s", self.file_name, site, status.value)
         if self.cb is not None:
             _call_user_cb("file_downloaded_cb", self.cb, self.ref_id, site, status, self.file_name,
                           **self.cb_kwargs)
