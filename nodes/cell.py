@@ -37,6 +37,7 @@ DEFAULT_HEARTBEAT = 1.0
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
 _REGISTER_RETRY = 0.1  # seconds between registration attempts while not registered
+_BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
 
@@ -95,7 +96,10 @@ class Cell:
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._stop_hooks: list[Callable[[], None]] = []
+        self._lifecycle_lock = threading.Lock()
+        self._stopping = False
         self._backlog: deque = deque()  # messages the broker connection could not take yet
+        self._backlog_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "Cell":
@@ -137,8 +141,20 @@ class Cell:
 
     def stop(self) -> None:
         """Leave the broker, fail pending requests, and release the sockets."""
-        if self._thread is None:
+        if threading.current_thread() is self._thread:  # called from a handler on the I/O thread
+            threading.Thread(target=self.stop, name=f"cell-stop-{self.fqcn}", daemon=True).start()
             return
+        with self._lifecycle_lock:
+            if self._thread is None or self._stopping:
+                return
+            self._stopping = True
+        try:
+            self._shutdown()
+        finally:
+            self._stopping = False
+
+    def _shutdown(self) -> None:
+        assert self._thread is not None
         for hook in list(self._stop_hooks):
             try:
                 hook()
@@ -289,15 +305,19 @@ class Cell:
     def _to_broker(self, frames: list) -> None:
         """Send now, or keep the message in order until the connection has room."""
         if self._backlog:
-            self._backlog.append(frames)
+            self._queue_backlog(frames)
             return
         try:
             self._dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if self._registered.is_set():
-                self._backlog.append(frames)
+                self._queue_backlog(frames)
             else:
                 self._undeliverable_locally(frames)
+
+    def _queue_backlog(self, frames: list) -> None:
+        self._backlog.append(frames)
+        self._backlog_bytes += sum(len(frame) for frame in frames)
 
     def _flush_backlog(self) -> None:
         while self._backlog:
@@ -305,10 +325,10 @@ class Cell:
                 self._dealer.send_multipart(self._backlog[0], zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._backlog.popleft()
+            self._backlog_bytes -= sum(len(frame) for frame in self._backlog.popleft())
 
     def _drop_backlog(self) -> None:
-        backlog, self._backlog = self._backlog, deque()
+        backlog, self._backlog, self._backlog_bytes = self._backlog, deque(), 0
         for frames in backlog:
             self._undeliverable_locally(frames)
 
@@ -332,7 +352,9 @@ class Cell:
         while not self._stop.is_set():
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
             # While the connection is full, stop taking new messages: senders feel backpressure.
-            poller.register(self._dealer, zmq.POLLIN | (zmq.POLLOUT if self._backlog else 0))
+            # Past a byte limit, stop reading requests too, so replies cannot pile up without bound.
+            reading = zmq.POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
+            poller.register(self._dealer, reading | (zmq.POLLOUT if self._backlog else 0))
             poller.register(self._out_pull, 0 if self._backlog else zmq.POLLIN)
             events = dict(poller.poll(min(timeout_ms, 200)))
             if self._backlog and events.get(self._dealer, 0) & zmq.POLLOUT:
@@ -431,8 +453,10 @@ class Cell:
         if meta.get("k") == KIND_REQUEST:
             error_type = UnreachableError if "not connected" in reason else BrokerUnreachableError
             self._resolve(meta.get("id", 0), error=error_type(f"Cannot deliver to '{destination}': {reason}."))
-        else:
+        elif meta.get("k") == KIND_ONE_WAY:
             log.warning("cell '%s' could not deliver a message to '%s': %s", self.fqcn, destination, reason)
+        else:  # a reply to a requester that left or gave up
+            log.debug("cell '%s' could not deliver a reply to '%s': %s", self.fqcn, destination, reason)
 
     def _on_deliver(self, frames: list) -> None:
         source = frames[1].bytes.decode("ascii")

@@ -251,3 +251,17 @@ def test_messages_sent_just_before_stop_are_delivered(broker_address):
             sender.stop()
         wait_until(lambda: len(got) == 500, 10)
     assert sorted(map(tuple, got)) == [(r, i) for r in range(5) for i in range(100)]
+
+
+def test_stop_may_be_called_again_from_a_stop_hook_or_a_handler(broker_address):
+    cell = Cell("site-1", broker_address).start()
+    cell.add_stop_hook(cell.stop)  # e.g. a user's timeout_cb that stops the cell
+    cell.stop()
+    assert not cell.is_registered
+
+    with Cell("tester", broker_address) as tester:
+        cell = Cell("site-2", broker_address)
+        cell.register_request_cb("test", "quit", lambda m: cell.stop(), inline=True)
+        cell.start()
+        tester.fire_and_forget("test", "quit", "site-2", None)
+        wait_until(lambda: not cell.is_registered, 10)
