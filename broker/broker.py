@@ -4,12 +4,12 @@ import logging
 import threading
 from collections import Counter
 from typing import Optional
-from urllib.parse import urlsplit
 
 import zmq
 
 from broker.registry import Registry, monotonic
 from common import protocol as proto
+from common.address import split_tcp_address
 from common.fqcn import is_valid_fqcn
 
 log = logging.getLogger(__name__)
@@ -21,18 +21,6 @@ _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
 _FANOUT_HWM = 1000
 _ROUTER_HWM = 1000  # messages queued per peer before the broker answers "not keeping up"
-
-
-def split_tcp_address(address: str) -> tuple[str, int]:
-    """Split 'tcp://host:port' into (host, port); raise ValueError if it is not that shape."""
-    parts = urlsplit(address)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme != "tcp" or not parts.hostname or port is None:
-        raise ValueError(f"Invalid address {address!r}: expected tcp://HOST:PORT (e.g. tcp://127.0.0.1:5550).")
-    return parts.hostname, port
 
 
 def _reachable_host(host: str) -> str:

@@ -2,17 +2,17 @@
 
 import itertools
 import logging
-from collections import deque
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Optional, Union
 
 import zmq
 
-from broker.broker import split_tcp_address
 from common import protocol as proto
+from common.address import split_tcp_address
 from common.errors import (
     BrokerUnreachableError,
     CellError,

@@ -5,9 +5,12 @@ import os
 import signal
 import sys
 import threading
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from nodes.cell import Cell
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,25 @@ def default_cli_name(kind: str) -> str:
     return f"{kind}-{os.getpid()}"
 
 
+def split_names(text: "str | None") -> list[str]:
+    """Comma-separated FQCNs, validated and without duplicates; ValueError for a bad one."""
+    from common.fqcn import validate_fqcn
+
+    names = [validate_fqcn(name.strip()) for name in (text or "").split(",") if name.strip()]
+    return list(dict.fromkeys(names))
+
+
+def start_cell(name: str, broker_url: str) -> "Cell":
+    """Create, start and return a Cell; exit with a one-line error if that fails."""
+    from common.errors import FedstreamError
+    from nodes.cell import Cell
+
+    try:
+        return Cell(name, broker_url).start()
+    except (ValueError, FedstreamError) as exc:
+        fail(str(exc))
+
+
 verbose_option = click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 broker_option = click.option("--broker", "broker_url", envvar=BROKER_ENV, required=True, metavar="URL",
                              help=f"Broker address, e.g. tcp://127.0.0.1:5550 (or ${BROKER_ENV}).")
@@ -76,6 +98,9 @@ def broker_command(bind: str, node_timeout: float, verbose: int) -> None:
         broker.stop()
 
 
-from nodes import cli_node, cli_simulate  # noqa: E402,F401  (registers their commands)
-from nodes import cli_push  # noqa: E402,F401
-from nodes import cli_pull  # noqa: E402,F401
+from nodes import (  # noqa: E402,F401  (registers their commands)
+    cli_node,
+    cli_pull,  # noqa: E402,F401
+    cli_push,  # noqa: E402,F401
+    cli_simulate,
+)

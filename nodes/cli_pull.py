@@ -8,19 +8,21 @@ from typing import Optional
 import click
 
 from common.constants import DEFAULT_CHUNK_TIMEOUT
-from common.errors import FedstreamError
 from common.fqcn import validate_fqcn
 from common.rc import DownloadStatus
-from nodes.cli import broker_option, default_cli_name, fail, main, setup_logging, verbose_option, wait_for_termination
+from nodes.cli import (
+    broker_option,
+    default_cli_name,
+    fail,
+    main,
+    setup_logging,
+    split_names,
+    start_cell,
+    verbose_option,
+    wait_for_termination,
+)
 
 DEFAULT_SERVE_TIMEOUT = 300.0
-
-
-def _split_names(text: Optional[str]) -> list[str]:
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
-    for name in names:
-        validate_fqcn(name)
-    return list(dict.fromkeys(names))
 
 
 @main.command("serve")
@@ -40,24 +42,20 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
     Serves until --timeout seconds pass without download activity, every --announce-to site
     downloaded every file, or Ctrl-C. Exits non-zero if an announced site did not get every file.
     """
-    from nodes import Cell, FileDownloader
+    from nodes import FileDownloader
     from nodes.announce import announce
 
     setup_logging(verbose)
     try:
-        targets = _split_names(announce_to)
+        targets = split_names(announce_to)
         if timeout <= 0:
             raise ValueError(f"--timeout must be positive, got {timeout:g}.")
         for file in files:
             if not os.path.isfile(file):
                 raise ValueError(f"File {file!r} does not exist or is not a regular file.")
-        cell = Cell(name or default_cli_name("serve"), broker_url)
     except ValueError as exc:
         fail(str(exc))
-    try:
-        cell.start()
-    except FedstreamError as exc:
-        fail(str(exc))
+    cell = start_cell(name or default_cli_name("serve"), broker_url)
 
     stop = threading.Event()
     lock = threading.Lock()
@@ -134,7 +132,7 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
 
     An interrupted download resumes when the same command is run again with the same -o.
     """
-    from nodes import Cell, download_file
+    from nodes import download_file
     from nodes.progress import Progress
     from nodes.pull_wire import is_valid_ref
 
@@ -151,13 +149,9 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
             os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"Cannot create the output directory {out_dir!r}: {exc.strerror}.") from None
-        cell = Cell(name or default_cli_name("get"), broker_url)
     except ValueError as exc:
         fail(str(exc))
-    try:
-        cell.start()
-    except FedstreamError as exc:
-        fail(str(exc))
+    cell = start_cell(name or default_cli_name("get"), broker_url)
 
     bars: list[Progress] = []
     show = not quiet and sys.stderr.isatty()

@@ -7,13 +7,17 @@ from typing import Optional
 import click
 
 from common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, DEFAULT_PUSH_TOPIC
-from common.errors import FedstreamError
 from common.sizes import format_size, parse_size
-from nodes.cli import broker_option, default_cli_name, fail, main, setup_logging, verbose_option
-
-
-def _split_targets(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+from nodes.cli import (
+    broker_option,
+    default_cli_name,
+    fail,
+    main,
+    setup_logging,
+    split_names,
+    start_cell,
+    verbose_option,
+)
 
 
 @main.command("push")
@@ -33,22 +37,17 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
 
     The sites must accept pushes on the default channel (e.g. `fedstream node`).
     """
-    from nodes import Cell
     from nodes.progress import Progress
     from nodes.push_sender import check_push_args, send_file
 
     setup_logging(verbose)
-    target_list = _split_targets(targets)
     try:
+        target_list = split_names(targets)
         size = parse_size(chunk_size)
         check_push_args(DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC, None, target_list, file, size, chunk_timeout)
-        cell = Cell(name or default_cli_name("push"), broker_url)
     except ValueError as exc:
         fail(str(exc))
-    try:
-        cell.start()
-    except FedstreamError as exc:
-        fail(str(exc))
+    cell = start_cell(name or default_cli_name("push"), broker_url)
     try:
         total = os.path.getsize(file)
         bar = Progress(total, os.path.basename(file), enabled=not quiet and sys.stderr.isatty())

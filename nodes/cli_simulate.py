@@ -9,7 +9,7 @@ import click
 from common.constants import DEFAULT_CHUNK_SIZE
 from common.sizes import format_size, parse_size
 from nodes.cli import fail, main, setup_logging, verbose_option
-from nodes.simulate import SimulationError, Simulation, format_table
+from nodes.simulate import Simulation, SimulationError, format_table
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:

@@ -486,9 +486,10 @@ def print_report(bench: Bench) -> bool:
             print(f"{'':<16}  {note}")
     print()
     checks = [
-        (f"pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", ratio(runs.get("pull 1"), runs.get("bare relay 1"))),
-        (f"pull {n} vs bare relay {n} (aggregate throughput)", ratio(runs.get(f"pull {n}"), runs.get(f"bare relay {n}"))),
-        (f"push 1 vs bare relay 1 (throughput)", ratio(runs.get("push 1"), runs.get("bare relay 1"))),
+        ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", ratio(runs.get("pull 1"), runs.get("bare relay 1"))),
+        (f"pull {n} vs bare relay {n} (aggregate throughput)",
+         ratio(runs.get(f"pull {n}"), runs.get(f"bare relay {n}"))),
+        ("push 1 vs bare relay 1 (throughput)", ratio(runs.get("push 1"), runs.get("bare relay 1"))),
         (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)",
          ratio(runs.get(f"push {n}"), runs.get(f"bare relay {n}"))),
         (f"push {n} vs bare fan-out {n} (aggregate throughput)",

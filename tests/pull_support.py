@@ -4,13 +4,14 @@ Both print one event per line: `<kind> <json>`; "at" fields are time.monotonic()
 processes on one machine share.
 """
 
-import hashlib
+
 import json
 import os
 import queue
 import time
 from typing import Callable, Optional
 
+from nodes.simulate import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
 
 OWNER = r"""
@@ -150,25 +151,8 @@ def start_receiver(procs: Procs, broker: str, name: str, location: str, refs: li
     return events
 
 
-def make_file(path: str, size: int) -> str:
-    """Write `size` random bytes to `path`; return their sha256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            block = os.urandom(min(left, 1 << 20))
-            digest.update(block)
-            out.write(block)
-            left -= len(block)
-    return digest.hexdigest()
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while block := source.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def part_files(location: str) -> list[str]:

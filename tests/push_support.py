@@ -1,10 +1,11 @@
 """Helpers of the push tests: receiver processes that report on stdout, test files, digests."""
 
-import hashlib
+
 import json
 import os
 from typing import Optional
 
+from nodes.simulate import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
 
 CHANNEL = "test"
@@ -70,25 +71,8 @@ def next_done(proc: Proc, timeout: float = 30.0) -> dict:
     return json.loads(proc.expect("DONE ", timeout)[5:])
 
 
-def make_file(path: str, size: int) -> str:
-    """Write `size` random bytes to `path` in pieces; return their sha256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        left = size
-        while left:
-            block = os.urandom(min(left, 1 << 20))
-            digest.update(block)
-            out.write(block)
-            left -= len(block)
-    return digest.hexdigest()
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def listing(directory: str) -> list[str]:

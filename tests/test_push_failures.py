@@ -12,8 +12,7 @@ from nodes import Cell, FileStreamer, FLContext
 from nodes.push_sender import PushResult, send_file
 from nodes.push_wire import window_for
 from tests.procs import wait_until
-from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, sha256_of, \
-    start_receiver
+from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, sha256_of, start_receiver
 
 KIB = 1024
 MIB = 1024 * KIB
