@@ -39,7 +39,7 @@ import zmq  # noqa: E402
 
 from common.digest import file_digest  # noqa: E402
 from common.sizes import format_size, parse_size  # noqa: E402
-from nodes.procstats import io_counters, peak_rss  # noqa: E402
+from nodes.procstats import cpu_seconds, io_counters, peak_rss  # noqa: E402
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
@@ -50,7 +50,7 @@ MB = 1_000_000
 # --------------------------------------------------------------------------------------------
 def report(**fields) -> None:
     """Print the result line a coordinator reads, with this process's peak RSS and I/O."""
-    fields.update(rss=peak_rss(), io=io_counters())
+    fields.update(rss=peak_rss(), cpu=cpu_seconds(), io=io_counters())
     print("RESULT " + json.dumps(fields), flush=True)
 
 
@@ -304,14 +304,14 @@ class Child:
 
     def stop(self) -> dict:
         """Read a long-running process's peak RSS, then terminate it."""
-        rss = peak_rss(self.proc.pid)
+        rss, cpu = peak_rss(self.proc.pid), cpu_seconds(self.proc.pid)
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.result = {"rss": rss}
+        self.result = {"rss": rss, "cpu": cpu}
         return self.result
 
     def kill(self) -> None:
@@ -343,7 +343,8 @@ class Run:
             child.kill()
 
     def rss_summary(self) -> str:
-        parts = [f"{c.label} {c.result['rss'] / 2**20:.0f}" for c in self.children if c.result.get("rss")]
+        parts = [f"{c.label} {c.result['rss'] / 2**20:.0f}/{c.result.get('cpu') or 0:.1f}"
+                 for c in self.children if c.result.get("rss")]
         return ", ".join(parts)
 
     def max_rss(self) -> int:
@@ -491,7 +492,7 @@ def print_report(bench: Bench) -> bool:
     print()
     print(f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
           f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
-    header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'peak RSS MiB per process'}"
+    header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'per process: peak RSS MiB / CPU seconds'}"
     print(header)
     print("-" * len(header))
     for run in runs.values():
