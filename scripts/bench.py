@@ -136,8 +136,7 @@ def role_relay_send(args) -> None:
         sock.send_multipart([target, struct.pack("!q", -1), b""])
     os.close(fd)
     report(start=started, end=time.time(), bytes=offset)
-    sock.close(linger=-1)
-    ctx.term()  # wait until everything queued has left; exiting without this can lose the tail
+    sys.stdin.read()  # stay connected until the coordinator saw every receiver finish
 
 
 def role_fan_pub(args) -> None:
@@ -162,8 +161,7 @@ def role_fan_pub(args) -> None:
     pub.send_multipart([b"s", struct.pack("!q", -1), b""])
     os.close(fd)
     report(start=started, end=time.time(), bytes=offset)
-    pub.close(linger=-1)
-    ctx.term()
+    sys.stdin.read()  # stay connected until the coordinator saw every subscriber finish
 
 
 def role_fan_sub(args) -> None:
@@ -272,7 +270,8 @@ class Child:
         argv = cmd or [sys.executable, __file__, "--role", role, *args]
         self.log_path = (log_dir or Path(tempfile.gettempdir())) / f"{label}.log"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         text=True, cwd=REPO)
         self.result: dict = {}
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -298,9 +297,20 @@ class Child:
                            f"its stderr: {self.log_path.read_text()[-2000:]}")
 
     def finish(self, timeout: float = 600.0) -> dict:
+        """Wait for the result line, tell the process it may exit, and wait for that."""
         self.result = json.loads(self.line("RESULT ", timeout))
-        self.proc.wait(30)
+        self.release()
         return self.result
+
+    def result_line(self, timeout: float = 600.0) -> dict:
+        """Wait for the result line; the process stays up until release()."""
+        self.result = json.loads(self.line("RESULT ", timeout))
+        return self.result
+
+    def release(self) -> None:
+        """Close the process's stdin (senders wait for that) and wait for it to exit."""
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(30)
 
     def stop(self) -> dict:
         """Read a long-running process's peak RSS, then terminate it."""
@@ -400,8 +410,9 @@ class Bench:
                          for name, d in zip(names, dests)]
             sender = run.start("sender", "relay-send", "--connect", address, "--targets", ",".join(names),
                                "--file", str(self.source), "--chunk-size", str(self.chunk_size))
-            sent = sender.finish()
+            sent = sender.result_line()
             ends = [r.finish()["end"] for r in receivers]
+            sender.release()
             relay.stop()
             self.finish(run, sent["start"], max(ends))
             self.verify(run, dests)
@@ -418,8 +429,9 @@ class Bench:
             dests = [self.dest(run.name, f"sub{i}") / "copy.bin" for i in range(n)]
             subs = [run.start(f"sub{i}", "fan-sub", "--connect", address, "--dest", str(d))
                     for i, d in enumerate(dests)]
-            published = pub.finish()
+            published = pub.result_line()
             ends = [s.finish()["end"] for s in subs]
+            pub.release()
             self.finish(run, published["start"], max(ends))
             self.verify(run, dests)
         finally:
