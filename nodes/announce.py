@@ -25,6 +25,8 @@ KIND_PULL = "pull"
 MAX_FILES_PER_ANNOUNCEMENT = 1000
 DEFAULT_REQUEST_TIMEOUT = 10.0  # per-request timeout of announced downloads
 _DOWNLOAD_WORKERS = 2
+_MAX_QUEUED = 256  # announced files waiting for a download worker; more are refused
+_REMEMBERED = 10_000  # (owner, ref) pairs remembered so that a repeated announcement is skipped
 
 # on_result(kind, ok, path_or_name, detail): path of the received file when ok, else the
 # announced (sanitized) name and the error message
@@ -73,13 +75,16 @@ def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultC
     workers = ThreadPoolExecutor(_DOWNLOAD_WORKERS, thread_name_prefix=f"fedstream-pull-{cell.fqcn}")
     closed = threading.Event()
     lock = threading.Lock()
-    taken: set[tuple[str, str]] = set()  # (owner, ref) already accepted: repeated announcements are skipped
+    taken: dict[tuple[str, str], None] = {}  # (owner, ref) accepted, oldest first: repeats are skipped
+    queued = [0]  # downloads accepted but not started
 
     def fetch(owner: str, ref: str, name: str) -> None:
+        with lock:
+            queued[0] -= 1
         if closed.is_set():
             return
         try:
-            err, path = download_file(owner, ref, per_request_timeout, cell, recv_dir)
+            err, path = download_file(owner, ref, per_request_timeout, cell, recv_dir, keep_partial=False)
         except ValueError as exc:  # e.g. recv_dir was removed meanwhile
             err, path = str(exc), None
         if err is not None and not closed.is_set():
@@ -100,7 +105,12 @@ def accept_announcements(cell: Cell, recv_dir: Optional[str], on_result: ResultC
             with lock:
                 if (msg.source, ref) in taken:
                     continue
-                taken.add((msg.source, ref))
+                if queued[0] >= _MAX_QUEUED:
+                    raise RuntimeError(f"'{cell.fqcn}' has {_MAX_QUEUED} downloads waiting already")
+                taken[(msg.source, ref)] = None
+                if len(taken) > _REMEMBERED:
+                    del taken[next(iter(taken))]
+                queued[0] += 1
             workers.submit(fetch, msg.source, ref, name)
         log.info("'%s' announced %d file(s)", msg.source, len(files))
         return {"accepted": len(files)}

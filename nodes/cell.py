@@ -180,6 +180,7 @@ class Cell:
         self._dealer.close(linger=500)
         self._registered.clear()
         self._reg_answer.clear()
+        self._fanout = {}
         if self._own_context:
             self.context.term()
 

@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 _MONITOR_INTERVAL = 0.2  # seconds between checks for inactive transactions
 _DIGEST_CACHE_SIZE = 256
 
-_STARTED = "started"
-_FINISHED = "finished"
+_STARTED = "started"  # recipient state before its outcome (a DownloadStatus) is known
 
 # (device, inode, size, mtime_ns) -> digest, so a file shared again is not hashed again
 _digest_cache: "OrderedDict[tuple, str]" = OrderedDict()
@@ -146,20 +145,26 @@ class _SharedFile:
         with self._lock:
             self.recipients.setdefault(site, _STARTED)
 
-    def finish(self, site: str) -> bool:
+    def finish(self, site: str, status: DownloadStatus) -> bool:
         """Record `site`'s outcome; True only the first time (the callback must then fire)."""
         with self._lock:
-            if self.recipients.get(site) == _FINISHED:
+            if isinstance(self.recipients.get(site), DownloadStatus):
                 return False
-            self.recipients[site] = _FINISHED
+            self.recipients[site] = status
             return True
+
+    def outcome(self, site: str) -> "DownloadStatus | None":
+        """The outcome recorded for `site` (what its callback reported), if any."""
+        with self._lock:
+            state = self.recipients.get(site)
+            return state if isinstance(state, DownloadStatus) else None
 
     def take_unfinished(self) -> list[str]:
         """Recipients that started but never finished; they are marked finished."""
         with self._lock:
             sites = [site for site, state in self.recipients.items() if state == _STARTED]
             for site in sites:
-                self.recipients[site] = _FINISHED
+                self.recipients[site] = DownloadStatus.FAILED
             return sites
 
     def report(self, site: str, status: DownloadStatus) -> None:
@@ -373,7 +378,7 @@ class FileDownloader:
             return shared
         site = msg.source
         if msg.headers.get("gave_up"):
-            if shared.finish(site):
+            if shared.finish(site, DownloadStatus.FAILED):
                 _report_later(shared, site, DownloadStatus.FAILED)
             return Reply(None, {"ok": False})
         if not shared.digest_ready.is_set():
@@ -383,8 +388,10 @@ class FileDownloader:
         ok = msg.headers.get("alg") == digests.ALGORITHM and msg.headers.get("digest") == shared.digest
         if ok:
             shared.mark_started(site)
-            if shared.finish(site):
+            if shared.finish(site, DownloadStatus.SUCCESS):
                 _report_later(shared, site, DownloadStatus.SUCCESS)
+            # The owner already reported this recipient as failed: it must not keep the file either.
+            ok = shared.outcome(site) == DownloadStatus.SUCCESS
         return Reply(None, {"ok": ok, "digest": shared.digest, "alg": digests.ALGORITHM})
 
 

@@ -95,7 +95,7 @@ def _open_locked(path: str) -> int:
 class _Download:
     def __init__(self, owner: str, ref_id: str, timeout: float, cell: Cell, location: str, optional: bool,
                  abort_signal: Optional[Signal], chunk_size: int, window: int,
-                 progress_cb: Optional[ProgressCallback]) -> None:
+                 progress_cb: Optional[ProgressCallback], keep_partial: bool) -> None:
         self.owner = owner
         self.ref_id = ref_id
         self.timeout = timeout
@@ -106,6 +106,7 @@ class _Download:
         self.chunk_size = chunk_size
         self.window = window
         self.progress_cb = progress_cb
+        self.keep_partial = keep_partial
         self.last_progress = time.monotonic()
         self.outstanding: set[_Request] = set()
 
@@ -125,10 +126,12 @@ class _Download:
             self._report_give_up()
             return self._failure("the download was aborted")
         except _Failed as exc:
-            if exc.remove_part:
+            if exc.remove_part or not self.keep_partial:
                 remove_quietly(path)
             return self._failure(str(exc))
         except OSError as exc:
+            if not self.keep_partial:
+                remove_quietly(path)
             return self._failure(f"cannot write {path}: {exc.strerror or exc}")
         finally:
             for request in self.outstanding:
@@ -162,8 +165,10 @@ class _Download:
         digest = hasher.hexdigest()
         verdict = self._call(wire.TOPIC_DONE, {"ref": self.ref_id, "digest": digest, "alg": digests.ALGORITHM},
                              retry_pending=True)
-        if verdict.get("ok") is not True or verdict.get("digest") != digest:
+        if verdict.get("digest") != digest:
             raise _Failed("the received data does not match the owner's digest", remove_part=True)
+        if verdict.get("ok") is not True:
+            raise _Failed("the owner already recorded this download as failed", remove_part=True)
         final = commit_file(path, self.location, name)
         log.info("downloaded %s from '%s' to %s (%d bytes)", self.ref_id, self.owner, final, size)
         return final
@@ -304,15 +309,15 @@ def report_give_up(cell: Cell, owner: str, ref_id: str) -> None:
 def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell: Cell,
                   location: Optional[str] = None, secure: bool = False, optional: bool = False,
                   abort_signal: Optional[Signal] = None, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  window: int = wire.DEFAULT_WINDOW,
-                  progress_cb: Optional[ProgressCallback] = None) -> tuple[Optional[str], Optional[str]]:
+                  window: int = wire.DEFAULT_WINDOW, progress_cb: Optional[ProgressCallback] = None,
+                  keep_partial: bool = True) -> tuple[Optional[str], Optional[str]]:
     """Download the file `ref_id` from its owner `from_fqcn` into `location` (default: temp dir).
 
     Returns (None, full path) on success, (error message, None) on failure. A failed download keeps
     its partial data so that a later call with the same RID and location resumes it; an abort or
     an unknown RID removes it. `per_request_timeout` is how long the owner may stay silent.
     `chunk_size` and `window` (requests in flight) tune throughput; `progress_cb(received, total)`
-    is called as data is written.
+    is called as data is written. `keep_partial=False` removes the partial data on any failure.
     """
     validate_fqcn(from_fqcn)
     if not wire.is_valid_ref(ref_id):
@@ -334,4 +339,4 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if progress_cb is not None and not callable(progress_cb):
         raise ValueError("progress_cb must be callable or None.")
     return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
-                     chunk_size, window, progress_cb).run()
+                     chunk_size, window, progress_cb, keep_partial).run()

@@ -48,14 +48,15 @@ StreamCallback = Callable[..., Any]
 class ReceiverTuning:
     """Knobs of a cell's push receivers; change them with set_receiver_tuning().
 
-    sub_rcvhwm: receive queue of each stream's SUB socket, in messages (the owner never
-        runs more than 64 chunks ahead, so the default never fills).
+    sub_rcvhwm: receive queue of each stream's SUB socket, in messages. The default, twice
+        the stream's window plus 16, never fills (the owner stays within the window) and
+        bounds what a rogue publisher can make this process hold.
     subscribe_delay: seconds a new stream waits before subscribing to the fan-out. It makes
         this receiver a deliberately slow joiner: the chunks published before it subscribes
         reach it only through repair (used to exercise that path).
     """
 
-    sub_rcvhwm: int = 1000
+    sub_rcvhwm: Optional[int] = None
     subscribe_delay: float = 0.0
 
 
@@ -175,7 +176,7 @@ class _Stream:
         tuning = self.hub.tuning
         sub = self.cell.context.socket(zmq.SUB)
         try:
-            sub.setsockopt(zmq.RCVHWM, max(tuning.sub_rcvhwm, 1))
+            sub.setsockopt(zmq.RCVHWM, tuning.sub_rcvhwm or 2 * self.window + 16)
             sub.setsockopt(zmq.MAXMSGSIZE, self.chunk_size + 1024)
             sub.linger = 0
             if tuning.subscribe_delay > 0 and self.ended.wait(tuning.subscribe_delay):
@@ -497,6 +498,6 @@ def set_receiver_tuning(cell: Cell, tuning: ReceiverTuning) -> None:
     """Use `tuning` for the streams this cell receives from now on."""
     if not isinstance(tuning, ReceiverTuning):
         raise ValueError(f"tuning must be a ReceiverTuning, got {type(tuning).__name__}.")
-    if tuning.sub_rcvhwm < 1 or tuning.subscribe_delay < 0:
+    if (tuning.sub_rcvhwm is not None and tuning.sub_rcvhwm < 1) or tuning.subscribe_delay < 0:
         raise ValueError("sub_rcvhwm must be at least 1 and subscribe_delay not negative.")
     _hub_for(cell).tuning = tuning

@@ -308,9 +308,11 @@ class _Push:
                      ",".join(self.targets), time.monotonic() - began)
             return self._result(ReturnCode.OK, True, None, began)
         except _Failure as failure:
-            log.log(logging.DEBUG if self.optional else logging.WARNING, "stream %s of '%s' failed: %s",
-                    self.sid, self.name, failure.message)
-            return self._result(failure.rc, False, failure.message, began)
+            return self._failed(failure.rc, failure.message, began)
+        except (zmq.ZMQError, CellError) as exc:  # e.g. the cell was stopped meanwhile
+            return self._failed(ReturnCode.COMMUNICATION_ERROR, str(exc), began)
+        except OSError as exc:
+            return self._failed(ReturnCode.ERROR, f"cannot read '{self.name}': {exc}", began)
         finally:
             if not ok:
                 self._abort()
@@ -319,6 +321,11 @@ class _Push:
             if self.xpub is not None:
                 self.xpub.close(linger=0)  # every target confirmed, or the stream was aborted
             self.session.finished.set()
+
+    def _failed(self, rc: ReturnCode, message: str, began: float) -> PushResult:
+        log.log(logging.DEBUG if self.optional else logging.WARNING, "stream %s of '%s' failed: %s",
+                self.sid, self.name, message)
+        return self._result(rc, False, message, began)
 
     def _result(self, rc: ReturnCode, ok: bool, error: Optional[str], began: float) -> PushResult:
         return PushResult(rc, ok, error, self.size, time.monotonic() - began, self.bytes_published,
@@ -555,13 +562,15 @@ class _Push:
         if not self.started:
             return
         headers = {"sid": self.sid, "reason": "the sender aborted the stream"}
-        futures = []
+        requests = []
         for target in self.started:
             try:
-                futures.append(self.cell.request_async(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, target,
-                                                       headers=headers).future)
+                requests.append(self.cell.request_async(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, target,
+                                                        headers=headers))
             except CellError as exc:
                 log.debug("stream %s: could not send abort to '%s': %s", self.sid, target, exc)
-        wait(futures, timeout=min(_ABORT_WAIT, self.chunk_timeout))
+        wait([r.future for r in requests], timeout=min(_ABORT_WAIT, self.chunk_timeout))
+        for request in requests:
+            request.cancel()  # stop waiting for answers that did not come
         self.started = []
 

@@ -132,3 +132,18 @@ def test_serve_ends_with_an_error_as_soon_as_an_announced_node_fails(procs, brok
     serve = procs.fedstream("serve", src, "--broker", broker_address, "--announce-to", "site-1", "--timeout", "300")
     assert node.expect("failed\tpull\tf.bin\t", timeout=20)
     assert_one_line_error(serve, "'site-1' did not get")
+
+
+def test_node_leaves_no_partial_file_when_an_announced_download_fails(procs, broker_address, tmp_path):
+    from common.constants import ANNOUNCE_TOPIC, DEFAULT_CHANNEL
+    from nodes import Cell
+
+    recv = tmp_path / "recv"
+    node = procs.fedstream("node", "site-1", "--broker", broker_address, "--recv-dir", str(recv))
+    node.expect("ready")
+    with Cell("liar", broker_address) as liar:  # announces a RID it does not serve
+        liar.send_request(DEFAULT_CHANNEL, ANNOUNCE_TOPIC, "site-1",
+                          {"kind": "pull", "files": [{"ref": "ab" * 16, "name": "x.bin"}]}, timeout=10)
+        line = node.expect("failed\tpull", 30)
+    assert "x.bin" in line
+    assert os.listdir(recv) == []

@@ -133,3 +133,17 @@ def test_unregistered_and_unconnected_targets_fail_at_once_naming_them(fed, tmp_
         procs.cleanup()
     for site in SITES:
         assert listing(fed.dests[site]) == []
+
+
+def test_stream_file_on_a_stopped_cell_returns_an_error(tmp_path):
+    from broker import Broker
+    from common import ReturnCode
+    from nodes import Cell, FileStreamer, FLContext
+
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    with Broker(bind="tcp://127.0.0.1:0") as broker:
+        cell = Cell("server", broker.address).start()
+        cell.stop()
+        rc, ok = FileStreamer.stream_file("ch", "tp", {}, ["site-1"], str(src), FLContext(cell))
+    assert (rc, ok) == (ReturnCode.COMMUNICATION_ERROR, False)
