@@ -32,6 +32,7 @@ from nodes import stream_context as keys
 from nodes.cell import Cell
 from nodes.context import FLContext
 from nodes.message import Message, Reply
+from nodes.per_cell import PerCell
 from nodes.stream_context import StreamContext
 
 log = logging.getLogger(__name__)
@@ -461,17 +462,7 @@ class _ReceiverHub:
                 stream.thread.join(2.0)
 
 
-_hubs: "weakref.WeakValueDictionary[int, _ReceiverHub]" = weakref.WeakValueDictionary()
-_hubs_lock = threading.Lock()
-
-
-def _hub_for(cell: Cell) -> _ReceiverHub:
-    """The cell's receiver hub (kept alive by the handlers it registered on the cell)."""
-    with _hubs_lock:
-        hub = _hubs.get(id(cell))
-        if hub is None or hub.cell_ref() is not cell:
-            hub = _hubs[id(cell)] = _ReceiverHub(cell)
-        return hub
+_hubs: PerCell[_ReceiverHub] = PerCell(_ReceiverHub)  # the receiver side of push, one per cell
 
 
 def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
@@ -490,7 +481,7 @@ def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest
             raise ValueError(f"{what} must be callable, got {type(cb).__name__}.")
     directory = check_dest_dir(dest_dir)
     cell = fl_ctx.get_engine().get_cell()
-    _hub_for(cell).register(_Registration(fl_ctx, channel, topic, directory, stream_done_cb, chunk_consumed_cb,
+    _hubs.get(cell).register(_Registration(fl_ctx, channel, topic, directory, stream_done_cb, chunk_consumed_cb,
                                           dict(cb_kwargs)))
 
 
@@ -500,4 +491,4 @@ def set_receiver_tuning(cell: Cell, tuning: ReceiverTuning) -> None:
         raise ValueError(f"tuning must be a ReceiverTuning, got {type(tuning).__name__}.")
     if (tuning.sub_rcvhwm is not None and tuning.sub_rcvhwm < 1) or tuning.subscribe_delay < 0:
         raise ValueError("sub_rcvhwm must be at least 1 and subscribe_delay not negative.")
-    _hub_for(cell).tuning = tuning
+    _hubs.get(cell).tuning = tuning

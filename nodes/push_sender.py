@@ -36,6 +36,7 @@ from common.rc import ReturnCode
 from nodes import push_wire as wire
 from nodes.cell import Cell, PendingRequest
 from nodes.message import Message, Reply
+from nodes.per_cell import PerCell
 
 log = logging.getLogger(__name__)
 
@@ -181,17 +182,7 @@ class _OwnerHub:
             session.finished.wait(max(0.0, deadline - time.monotonic()))
 
 
-_hubs: "weakref.WeakValueDictionary[int, _OwnerHub]" = weakref.WeakValueDictionary()
-_hubs_lock = threading.Lock()
-
-
-def _hub_for(cell: Cell) -> _OwnerHub:
-    """The cell's owner hub (kept alive by the handlers it registered on the cell)."""
-    with _hubs_lock:
-        hub = _hubs.get(id(cell))
-        if hub is None or hub.cell_ref() is not cell:
-            hub = _hubs[id(cell)] = _OwnerHub(cell)
-        return hub
+_hubs: PerCell[_OwnerHub] = PerCell(_OwnerHub)  # the owner side of push, one per cell
 
 
 def check_push_args(channel: object, topic: object, stream_ctx: object, targets: object, file_name: object,
@@ -292,7 +283,7 @@ class _Push:
     # -- the stream ------------------------------------------------------------------------
     def run(self) -> PushResult:
         began = time.monotonic()
-        hub = _hub_for(self.cell)
+        hub = _hubs.get(self.cell)
         hub.add(self.session)
         ok = False
         try:

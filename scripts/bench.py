@@ -439,12 +439,17 @@ class Bench:
         return run
 
     # -- fedstream -----------------------------------------------------------------------
+    @staticmethod
+    def start_broker(run: Run) -> tuple[Child, str]:
+        """A `fedstream broker` process on free ports, and its address."""
+        broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
+                                               "tcp://127.0.0.1:0"])
+        return broker, "tcp://" + broker.line("tcp://", 30)
+
     def pull(self, n: int) -> Run:
         run = Run(f"pull {n}", n, self.workdir)
         try:
-            broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
-                                                   "tcp://127.0.0.1:0"])
-            address = "tcp://" + broker.line("tcp://", 30)
+            broker, address = self.start_broker(run)
             owner = run.start("owner", "pull-owner", "--connect", address, "--file", str(self.source),
                               "--count", str(n))
             ref = owner.line("RID ")
@@ -465,9 +470,7 @@ class Bench:
     def push(self, n: int) -> Run:
         run = Run(f"push {n}", n, self.workdir)
         try:
-            broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
-                                                   "tcp://127.0.0.1:0"])
-            address = "tcp://" + broker.line("tcp://", 30)
+            broker, address = self.start_broker(run)
             names = [f"site-{i + 1}" for i in range(n)]
             receivers = []
             for name in names:
