@@ -10,6 +10,7 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import stat
 import time
 from collections import deque
@@ -160,6 +161,9 @@ class _Download:
             log.info("resuming %s from '%s' at byte %d of %d", self.ref_id, self.owner, have, size)
             digests.hash_range(fd, hasher, 0, have, should_stop=self._aborted)
             self._check_abort()
+        free = shutil.disk_usage(self.location).free
+        if free < size - have:
+            raise _Failed(f"{self.location} has {free} bytes free, the file needs {size - have} more")
         self._progress(have, size)
         self._pull(fd, hasher, have, size)
         digest = hasher.hexdigest()

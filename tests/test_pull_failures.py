@@ -1,6 +1,7 @@
 """Pull failures: bad and expired RIDs, killed or frozen peers, resume, abort, bad input."""
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -215,3 +216,18 @@ def test_abort_signal_also_interrupts_a_wait_for_a_silent_owner(procs, broker_ad
     error, path = outcome["result"]
     assert path is None and "aborted" in error
     assert part_files(str(tmp_path)) == []
+
+
+def test_a_file_larger_than_the_free_space_is_refused_before_data_flows(broker_address, tmp_path):
+    src = tmp_path / "sparse.bin"
+    with open(src, "wb") as f:  # a sparse file claiming more bytes than the disk has free
+        f.truncate(shutil.disk_usage(tmp_path).free + (1 << 30))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with Cell("owner", broker_address) as owner, Cell("site-1", broker_address) as site:
+        tx = FileDownloader.new_transaction(owner, 30, lambda *a, **k: None)
+        ref = FileDownloader.add_file(tx, str(src))
+        err, path = download_file("owner", ref, 10, site, str(dest))
+        FileDownloader.delete_transaction(tx)
+    assert path is None and "bytes free" in err
+    assert os.listdir(dest) == [f".fedstream-{ref}.part"]  # kept (empty) for a later attempt
