@@ -35,6 +35,31 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def run_cli_on_a_terminal(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run the fedstream CLI with stderr on a pseudo-terminal; return (exit code, stdout, stderr)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "nodes", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the terminal is closed once the process is gone
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode()
+
+
 class Proc:
     """A child process whose stdout lines are read in the background."""
 

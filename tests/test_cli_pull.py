@@ -1,11 +1,8 @@
 """`fedstream serve` and `fedstream get` as a user runs them."""
 
 import os
-import pty
-import subprocess
-import sys
 
-from tests.procs import REPO
+from tests.procs import run_cli_on_a_terminal
 from tests.pull_support import make_file, sha256_of
 
 MiB = 1 << 20
@@ -96,28 +93,11 @@ def test_get_progress_bar_on_a_terminal_and_quiet(procs, broker_address, tmp_pat
     ref = serve.expect("", timeout=20).split("\t")[0]
     outputs = {}
     for quiet in (False, True):
-        master, slave = pty.openpty()
-        args = [sys.executable, "-m", "nodes", "get", ref, "--from", "owner", "--broker", broker_address,
-                "-o", str(tmp_path / f"out-{quiet}")] + (["--quiet"] if quiet else [])
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        os.close(slave)
-        try:
-            stdout, _ = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        os.close(master)
-        assert proc.returncode == 0
-        assert stdout.decode().splitlines()[-1] == str(tmp_path / f"out-{quiet}" / "f.bin")
-        outputs[quiet] = b"".join(chunks).decode()
+        code, stdout, outputs[quiet] = run_cli_on_a_terminal(
+            "get", ref, "--from", "owner", "--broker", broker_address, "-o", str(tmp_path / f"out-{quiet}"),
+            *(["--quiet"] if quiet else []))
+        assert code == 0
+        assert stdout.splitlines()[-1] == str(tmp_path / f"out-{quiet}" / "f.bin")
     assert "100%" in outputs[False] and "from owner" in outputs[False]
     assert outputs[True] == ""
 

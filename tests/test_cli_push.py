@@ -1,13 +1,10 @@
 """`fedstream push` end to end: receivers in their own processes, exit codes, output, progress bar."""
 
 import os
-import pty
-import subprocess
-import sys
 import time
 
 from common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
-from tests.procs import REPO
+from tests.procs import run_cli_on_a_terminal
 from tests.push_support import check_received, listing, make_file, next_done, sha256_of, start_receiver
 
 TOPICS = [[DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC]]
@@ -63,29 +60,11 @@ def test_progress_bar_on_a_terminal_and_quiet(procs, broker_address, tmp_path):
     site = start_receiver(procs, "site-1", broker_address, str(tmp_path / "site-1"), topics=TOPICS)
     outputs = {}
     for quiet in (False, True):
-        master, slave = pty.openpty()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        args = [sys.executable, "-m", "nodes", "push", src, "--to", "site-1", "--broker", broker_address,
-                "--chunk-size", "64K"] + (["--quiet"] if quiet else [])
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave, env=env)
-        os.close(slave)
-        try:
-            stdout, _ = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        os.close(master)
-        assert proc.returncode == 0
-        assert stdout.decode().startswith(f"pushed {src} to site-1 ")
-        outputs[quiet] = b"".join(chunks).decode()
+        code, stdout, outputs[quiet] = run_cli_on_a_terminal(
+            "push", src, "--to", "site-1", "--broker", broker_address, "--chunk-size", "64K",
+            *(["--quiet"] if quiet else []))
+        assert code == 0
+        assert stdout.startswith(f"pushed {src} to site-1 ")
         assert next_done(site)["rc"] == "OK"
     assert "100%" in outputs[False] and "f.bin [" in outputs[False]
     assert outputs[True] == ""
