@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -60,6 +60,19 @@ def wait_for_term() -> None:
     signal.signal(signal.SIGINT, lambda *_: (report(), sys.exit(0)))
     while True:
         time.sleep(1)
+
+
+def file_chunks(path: str, chunk_size: int) -> Iterator[tuple[bytes, bytes]]:
+    """(offset header, data) for each chunk of a file, read once, then the end marker (offset -1)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while data := os.read(fd, chunk_size):
+            yield struct.pack("!q", offset), data
+            offset += len(data)
+    finally:
+        os.close(fd)
+    yield struct.pack("!q", -1), b""
 
 
 def role_relay(_args) -> None:
@@ -118,24 +131,16 @@ def role_relay_send(args) -> None:
         source, _ = sock.recv_multipart()
         credit[source] += 1
     started = time.time()
-    fd = os.open(args.file, os.O_RDONLY)
-    offset = 0
-    while True:
-        data = os.read(fd, args.chunk_size)
-        if not data:
-            break
-        header = struct.pack("!q", offset)
+    size = 0
+    for header, data in file_chunks(args.file, args.chunk_size):
         for target in targets:
             while credit[target] == 0:
                 source, _ = sock.recv_multipart()
                 credit[source] += 1
             credit[target] -= 1
             sock.send_multipart([target, header, data], copy=False)
-        offset += len(data)
-    for target in targets:
-        sock.send_multipart([target, struct.pack("!q", -1), b""])
-    os.close(fd)
-    report(start=started, end=time.time(), bytes=offset)
+        size += len(data)
+    report(start=started, end=time.time(), bytes=size)
     sys.stdin.read()  # stay connected until the coordinator saw every receiver finish
 
 
@@ -150,17 +155,11 @@ def role_fan_pub(args) -> None:
     for _ in range(args.count):  # one subscription message per subscriber
         pub.recv()
     started = time.time()
-    fd = os.open(args.file, os.O_RDONLY)
-    offset = 0
-    while True:
-        data = os.read(fd, args.chunk_size)
-        if not data:
-            break
-        pub.send_multipart([b"s", struct.pack("!q", offset), data], copy=False)
-        offset += len(data)
-    pub.send_multipart([b"s", struct.pack("!q", -1), b""])
-    os.close(fd)
-    report(start=started, end=time.time(), bytes=offset)
+    size = 0
+    for header, data in file_chunks(args.file, args.chunk_size):
+        pub.send_multipart([b"s", header, data], copy=False)
+        size += len(data)
+    report(start=started, end=time.time(), bytes=size)
     sys.stdin.read()  # stay connected until the coordinator saw every subscriber finish
 
 
