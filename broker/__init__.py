@@ -1,5 +1,5 @@
 """The fedstream broker: routes cell messages and fans out push chunks."""
 
-from broker.broker import Broker
+from fedstream.broker.broker import Broker
 
 __all__ = ["Broker"]

@@ -7,10 +7,10 @@ from typing import Optional
 
 import zmq
 
-from broker.registry import Registry, monotonic
-from common import protocol as proto
-from common.address import split_tcp_address
-from common.fqcn import is_valid_fqcn
+from fedstream.broker.registry import Registry, monotonic
+from fedstream.common import protocol as proto
+from fedstream.common.address import split_tcp_address
+from fedstream.common.fqcn import is_valid_fqcn
 
 log = logging.getLogger(__name__)
 

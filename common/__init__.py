@@ -1,6 +1,6 @@
 """Pieces shared by the broker and the nodes: names, wire protocol, return codes, errors."""
 
-from common.errors import (
+from fedstream.common.errors import (
     BrokerUnreachableError,
     CellError,
     FedstreamError,
@@ -9,10 +9,10 @@ from common.errors import (
     RequestTimeout,
     UnreachableError,
 )
-from common.fqcn import validate_fqcn
-from common.rc import DownloadStatus, ReturnCode
-from common.signal import Signal
-from common.sizes import format_size, parse_size
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.rc import DownloadStatus, ReturnCode
+from fedstream.common.signal import Signal
+from fedstream.common.sizes import format_size, parse_size
 
 __all__ = [
     "BrokerUnreachableError",

@@ -1,5 +1,5 @@
-"""`python -m nodes` runs the fedstream command line."""
+"""`python -m fedstream.nodes` runs the fedstream command line."""
 
-from nodes.cli import main
+from fedstream.nodes.cli import main
 
 main()

@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import zmq
 
-from common import protocol as proto
-from common.address import split_tcp_address
-from common.errors import (
+from fedstream.common import protocol as proto
+from fedstream.common.address import split_tcp_address
+from fedstream.common.errors import (
     BrokerUnreachableError,
     CellError,
     RegistrationError,
@@ -21,8 +21,8 @@ from common.errors import (
     RequestTimeout,
     UnreachableError,
 )
-from common.fqcn import validate_fqcn
-from nodes.message import PAYLOAD_NONE, Message, Reply, encode_payload
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.nodes.message import PAYLOAD_NONE, Message, Reply, encode_payload
 
 log = logging.getLogger(__name__)
 

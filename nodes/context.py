@@ -1,6 +1,6 @@
 """FLContext: the handle FLARE-style code uses to reach its Cell."""
 
-from nodes.cell import Cell
+from fedstream.nodes.cell import Cell
 
 
 class _Engine:

@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 import zmq
 
-from common import protocol as proto
+from fedstream.common import protocol as proto
 
 # payload types in the meta header
 PAYLOAD_NONE = "n"

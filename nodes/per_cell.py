@@ -4,7 +4,7 @@ import threading
 import weakref
 from typing import Callable, Generic, Protocol, TypeVar
 
-from nodes.cell import Cell
+from fedstream.nodes.cell import Cell
 
 
 class _CellBound(Protocol):

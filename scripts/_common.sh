@@ -3,8 +3,7 @@ RUN_DIR="${FEDSTREAM_RUN_DIR:-$PWD/fedstream-run}"
 if command -v fedstream >/dev/null 2>&1; then
   FEDSTREAM=(fedstream)
 else
-  FEDSTREAM=(python3 -m nodes)
-  export PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+  FEDSTREAM=(python3 -m fedstream.nodes)  # needs fedstream installed: pip install .
 fi
 mkdir -p "$RUN_DIR"
 

@@ -37,9 +37,9 @@ if str(REPO) not in sys.path:
 
 import zmq  # noqa: E402
 
-from common.digest import file_digest  # noqa: E402
-from common.sizes import format_size, parse_size  # noqa: E402
-from nodes.procstats import cpu_seconds, io_counters, peak_rss  # noqa: E402
+from fedstream.common.digest import file_digest  # noqa: E402
+from fedstream.common.sizes import format_size, parse_size  # noqa: E402
+from fedstream.nodes.simulate.procstats import cpu_seconds, io_counters, peak_rss  # noqa: E402
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
@@ -185,7 +185,7 @@ def role_fan_sub(args) -> None:
 def role_pull_owner(args) -> None:
     import threading
 
-    from nodes import Cell, FileDownloader
+    from fedstream.nodes import Cell, FileDownloader
 
     finished = []
     all_done = threading.Event()
@@ -205,7 +205,7 @@ def role_pull_owner(args) -> None:
 
 
 def role_pull_recv(args) -> None:
-    from nodes import Cell, download_file
+    from fedstream.nodes import Cell, download_file
 
     with Cell(args.name, args.connect) as cell:
         started = time.time()
@@ -217,7 +217,7 @@ def role_pull_recv(args) -> None:
 def role_push_recv(args) -> None:
     import threading
 
-    from nodes import Cell, FileStreamer, FLContext
+    from fedstream.nodes import Cell, FileStreamer, FLContext
 
     done = threading.Event()
     outcome: dict = {}
@@ -236,8 +236,8 @@ def role_push_recv(args) -> None:
 
 
 def role_push_owner(args) -> None:
-    from nodes import Cell
-    from nodes.push_sender import send_file  # what FileStreamer.stream_file runs, with its byte counts
+    from fedstream.nodes import Cell
+    from fedstream.nodes.push.sender import send_file  # what FileStreamer.stream_file runs, with its byte counts
 
     with Cell("server", args.connect) as cell:
         read_before = io_counters().get("rchar", 0)
@@ -441,7 +441,7 @@ class Bench:
     @staticmethod
     def start_broker(run: Run) -> tuple[Child, str]:
         """A `fedstream broker` process on free ports, and its address."""
-        broker = run.start("broker", "", cmd=[sys.executable, "-m", "nodes", "broker", "--bind",
+        broker = run.start("broker", "", cmd=[sys.executable, "-m", "fedstream.nodes", "broker", "--bind",
                                                "tcp://127.0.0.1:0"])
         return broker, "tcp://" + broker.line("tcp://", 30)
 

@@ -41,7 +41,7 @@ def run_cli_on_a_terminal(*args: str, timeout: float = 60.0) -> tuple[int, str, 
 
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "nodes", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "fedstream.nodes", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
@@ -155,7 +155,7 @@ class Procs:
 
     def fedstream(self, *args: str, **kwargs) -> Proc:
         """Run the fedstream CLI."""
-        return self.start([sys.executable, "-m", "nodes", *args], **kwargs)
+        return self.start([sys.executable, "-m", "fedstream.nodes", *args], **kwargs)
 
     def broker(self, *extra: str) -> tuple[Proc, str]:
         """Start a broker on free ports; return it and its address."""

@@ -11,13 +11,13 @@ import queue
 import time
 from typing import Callable, Optional
 
-from nodes.simulate import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
+from fedstream.nodes.simulate.files import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
 
 OWNER = r"""
 import json, signal, sys, time
-from common import DownloadStatus
-from nodes import Cell, FileDownloader
+from fedstream.common import DownloadStatus
+from fedstream.nodes import Cell, FileDownloader
 
 broker, name, timeout, tx_kwargs = sys.argv[1:5]
 files = sys.argv[5:]
@@ -44,8 +44,8 @@ while True:
 
 RECEIVER = r"""
 import json, sys, time
-from common import Signal
-from nodes import Cell, download_file
+from fedstream.common import Signal
+from fedstream.nodes import Cell, download_file
 
 broker, name, owner, location, options = sys.argv[1:6]
 refs = sys.argv[6:]

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Optional
 
-from nodes.simulate import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
+from fedstream.nodes.simulate.files import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
 
 CHANNEL = "test"
@@ -19,9 +19,9 @@ TOPIC = "file"
 # Prints READY once registered, then "DONE <json>" from stream_done_cb.
 RECEIVER = """
 import json, sys, threading, time
-from nodes import Cell, FLContext, FileStreamer
-from nodes import stream_context as keys
-from nodes.push_receiver import ReceiverTuning, set_receiver_tuning
+from fedstream.nodes import Cell, FLContext, FileStreamer
+from fedstream.nodes.push import stream_context as keys
+from fedstream.nodes.push.receiver import ReceiverTuning, set_receiver_tuning
 
 name, broker, dest, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 cell = Cell(name, broker).start()

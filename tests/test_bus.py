@@ -8,14 +8,14 @@ import threading
 import pytest
 import zmq
 
-from common import protocol as proto
-from common.errors import RegistrationError, RemoteError, UnreachableError
-from nodes import Cell, FLContext
+from fedstream.common import protocol as proto
+from fedstream.common.errors import RegistrationError, RemoteError, UnreachableError
+from fedstream.nodes import Cell, FLContext
 from tests.procs import wait_until
 
 ECHO_CELL = """
 import sys, time
-from nodes import Cell
+from fedstream.nodes import Cell
 
 def echo(message):
     payload = message.payload

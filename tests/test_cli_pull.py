@@ -115,8 +115,8 @@ def test_serve_ends_with_an_error_as_soon_as_an_announced_node_fails(procs, brok
 
 
 def test_node_leaves_no_partial_file_when_an_announced_download_fails(procs, broker_address, tmp_path):
-    from common.constants import ANNOUNCE_TOPIC, DEFAULT_CHANNEL
-    from nodes import Cell
+    from fedstream.common.constants import ANNOUNCE_TOPIC, DEFAULT_CHANNEL
+    from fedstream.nodes import Cell
 
     recv = tmp_path / "recv"
     node = procs.fedstream("node", "site-1", "--broker", broker_address, "--recv-dir", str(recv))

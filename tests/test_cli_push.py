@@ -3,7 +3,7 @@
 import os
 import time
 
-from common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
+from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
 from tests.procs import run_cli_on_a_terminal
 from tests.push_support import check_received, listing, make_file, next_done, sha256_of, start_receiver
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from broker import Broker
-from common import DownloadStatus, ReturnCode, Signal, parse_size, validate_fqcn
-from common.filenames import commit_file, sanitize_name
-from nodes import Cell, FLContext
+from fedstream.broker import Broker
+from fedstream.common import DownloadStatus, ReturnCode, Signal, parse_size, validate_fqcn
+from fedstream.common.filenames import commit_file, sanitize_name
+from fedstream.nodes import Cell, FLContext
 
 
 @pytest.mark.parametrize("name", ["server", "site-1", "site-1.job7", "a_b~c", "A.B.C"])

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
-from common.constants import DEFAULT_CHUNK_SIZE
-from nodes import Cell, FileDownloader, download_file
-from nodes import pull_wire as wire
+from fedstream.common.constants import DEFAULT_CHUNK_SIZE
+from fedstream.nodes import Cell, FileDownloader, download_file
+from fedstream.nodes.pull import wire
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
 
 MiB = 1 << 20

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.rc import ReturnCode
-from nodes import Cell, FileStreamer, FLContext
-from nodes.push_sender import send_file
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes import Cell, FileStreamer, FLContext
+from fedstream.nodes.push.sender import send_file
 from tests.procs import Proc, Procs
 from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, start_receiver
 
@@ -109,7 +109,7 @@ def test_unregistered_and_unconnected_targets_fail_at_once_naming_them(fed, tmp_
     try:
         bare = procs.python("""
             import sys, threading
-            from nodes import Cell
+            from fedstream.nodes import Cell
             Cell("bare-site", sys.argv[1]).start()
             print("READY", flush=True)
             threading.Event().wait()
@@ -136,9 +136,9 @@ def test_unregistered_and_unconnected_targets_fail_at_once_naming_them(fed, tmp_
 
 
 def test_stream_file_on_a_stopped_cell_returns_an_error(tmp_path):
-    from broker import Broker
-    from common import ReturnCode
-    from nodes import Cell, FileStreamer, FLContext
+    from fedstream.broker import Broker
+    from fedstream.common import ReturnCode
+    from fedstream.nodes import Cell, FileStreamer, FLContext
 
     src = tmp_path / "f.bin"
     src.write_bytes(b"x" * 1000)

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from broker import Broker
-from common.rc import ReturnCode
-from nodes import Cell, FileStreamer, FLContext
-from nodes.push_sender import PushResult, send_file
-from nodes.push_wire import window_for
+from fedstream.broker import Broker
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes import Cell, FileStreamer, FLContext
+from fedstream.nodes.push.sender import PushResult, send_file
+from fedstream.nodes.push.wire import window_for
 from tests.procs import wait_until
 from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, sha256_of, start_receiver
 
@@ -91,8 +91,8 @@ def test_sender_killed_mid_stream_receivers_time_out_and_clean_up(procs, broker_
     fast = start_receiver(procs, "site-2", broker_address, dests["site-2"])
     sender = procs.python("""
         import sys
-        from nodes import Cell
-        from nodes.push_sender import send_file
+        from fedstream.nodes import Cell
+        from fedstream.nodes.push.sender import send_file
         cell = Cell("server", sys.argv[1]).start()
         print("STARTED", flush=True)
         result = send_file(cell, "test", "file", {}, ["site-1", "site-2"], sys.argv[2], chunk_size=256 * 1024,
@@ -286,7 +286,7 @@ def test_receiver_cell_stopping_fails_the_push_at_once(tmp_path):
 
 
 def test_malformed_start_requests_are_refused_without_leaving_files(tmp_path):
-    from nodes import push_wire as wire
+    from fedstream.nodes.push import wire
 
     dest = tmp_path / "dest"
     dest.mkdir()

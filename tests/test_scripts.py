@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nodes.simulate import make_file, sha256_of
+from fedstream.nodes.simulate.files import make_file, sha256_of
 from tests.procs import REPO, process_gone, wait_until
 
 SCRIPTS = REPO / "scripts"
@@ -20,8 +20,9 @@ def run_script(name, *args, env):
 @pytest.mark.timeout(120)
 def test_start_sites_push_and_stop_all(tmp_path):
     run_dir = tmp_path / "run"
+    # The scripts run the `fedstream` installed next to this interpreter.
     env = dict(os.environ, FEDSTREAM_RUN_DIR=str(run_dir),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     env.pop("FEDSTREAM_BROKER", None)
     try:
         started = run_script("start_broker.sh", "tcp://127.0.0.1:0", env=env)
@@ -35,7 +36,7 @@ def test_start_sites_push_and_stop_all(tmp_path):
 
         source = tmp_path / "model.bin"
         digest = make_file(str(source), 3 * 1024 * 1024 + 5)
-        push = subprocess.run([sys.executable, "-m", "nodes", "push", str(source), "--to", "site-1,site-2",
+        push = subprocess.run([sys.executable, "-m", "fedstream.nodes", "push", str(source), "--to", "site-1,site-2",
                                "--as", "server", "--quiet"], env=dict(env, FEDSTREAM_BROKER=address),
                               capture_output=True, text=True, timeout=60)
         assert push.returncode == 0, push.stderr

@@ -5,7 +5,7 @@ import sys
 import time
 from typing import Optional, TextIO
 
-from common.sizes import format_size
+from fedstream.common.sizes import format_size
 
 _REDRAW_INTERVAL = 0.1  # seconds between redraws
 

@@ -2,7 +2,7 @@
 
 from typing import Any, Optional
 
-from common.rc import ReturnCode
+from fedstream.common.rc import ReturnCode
 
 # Keys fedstream sets in a receiver's stream context (next to the sender's own keys).
 KEY_FILE_NAME = "__fedstream_file_name__"

@@ -2,11 +2,11 @@
 
 from typing import Any, Callable, List, Mapping, Optional
 
-from common.rc import ReturnCode
-from nodes import push_receiver, push_sender
-from nodes import stream_context as keys
-from nodes.context import FLContext
-from nodes.stream_context import StreamContext
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes.push import receiver as push_receiver, sender as push_sender
+from fedstream.nodes.push import stream_context as keys
+from fedstream.nodes.context import FLContext
+from fedstream.nodes.push.stream_context import StreamContext
 
 __all__ = ["FileStreamer", "StreamContext"]
 

@@ -18,8 +18,8 @@ import secrets
 import struct
 from typing import Optional
 
-from common.constants import MAX_CHUNK_SIZE
-from common.protocol import STREAM_ID_LENGTH
+from fedstream.common.constants import MAX_CHUNK_SIZE
+from fedstream.common.protocol import STREAM_ID_LENGTH
 
 WIRE_VERSION = 1
 

@@ -6,13 +6,12 @@ from typing import Optional
 
 import click
 
-from common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, DEFAULT_PUSH_TOPIC
-from common.sizes import format_size, parse_size
-from nodes.cli import (
+from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, DEFAULT_PUSH_TOPIC
+from fedstream.common.sizes import format_size, parse_size
+from fedstream.nodes.cli.options import (
     broker_option,
     default_cli_name,
     fail,
-    main,
     setup_logging,
     split_names,
     start_cell,
@@ -20,7 +19,7 @@ from nodes.cli import (
 )
 
 
-@main.command("push")
+@click.command("push")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--to", "targets", required=True, metavar="SITE[,SITE...]", help="Comma-separated target sites.")
 @broker_option
@@ -37,8 +36,8 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
 
     The sites must accept pushes on the default channel (e.g. `fedstream node`).
     """
-    from nodes.progress import Progress
-    from nodes.push_sender import check_push_args, send_file
+    from fedstream.nodes.cli.progress import Progress
+    from fedstream.nodes.push.sender import check_push_args, send_file
 
     setup_logging(verbose)
     try:

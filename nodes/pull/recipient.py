@@ -18,15 +18,15 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Optional
 
-from common import digest as digests
-from common.constants import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
-from common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
-from common.filenames import check_dest_dir, commit_file, remove_quietly
-from common.fqcn import validate_fqcn
-from common.signal import Signal
-from nodes import pull_wire as wire
-from nodes.cell import Cell, PendingRequest
-from nodes.message import Message
+from fedstream.common import digest as digests
+from fedstream.common.constants import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.signal import Signal
+from fedstream.nodes.pull import wire
+from fedstream.nodes.cell import Cell, PendingRequest
+from fedstream.nodes.message import Message
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from common.sizes import format_size
-from nodes.procstats import peak_rss
+from fedstream.common.sizes import format_size
+from fedstream.nodes.simulate.procstats import peak_rss
 
 SERVER = "server"
 MB = 1_000_000
@@ -31,7 +31,7 @@ class Process:
     def __init__(self, label: str, args: list[str], log_path: str) -> None:
         self.label = label
         self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen([sys.executable, "-m", "nodes", *args], stdout=subprocess.PIPE,
+        self.popen = subprocess.Popen([sys.executable, "-m", "fedstream.nodes", *args], stdout=subprocess.PIPE,
                                       stderr=self._log, text=True, start_new_session=True)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.peak_rss: Optional[int] = None

@@ -1,4 +1,4 @@
-"""The `fedstream` command line."""
+"""Helpers and options shared by the `fedstream` commands (never imports a command or the group)."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 import click
 
 if TYPE_CHECKING:
-    from nodes.cell import Cell
+    from fedstream.nodes.cell import Cell
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def default_cli_name(kind: str) -> str:
 
 def split_names(text: "str | None") -> list[str]:
     """Comma-separated FQCNs, validated and without duplicates; ValueError for a bad one."""
-    from common.fqcn import validate_fqcn
+    from fedstream.common.fqcn import validate_fqcn
 
     names = [validate_fqcn(name.strip()) for name in (text or "").split(",") if name.strip()]
     return list(dict.fromkeys(names))
@@ -56,8 +56,8 @@ def split_names(text: "str | None") -> list[str]:
 
 def start_cell(name: str, broker_url: str) -> "Cell":
     """Create, start and return a Cell; exit with a one-line error if that fails."""
-    from common.errors import FedstreamError
-    from nodes.cell import Cell
+    from fedstream.common.errors import FedstreamError
+    from fedstream.nodes.cell import Cell
 
     try:
         return Cell(name, broker_url).start()
@@ -70,37 +70,11 @@ broker_option = click.option("--broker", "broker_url", envvar=BROKER_ENV, requir
                              help=f"Broker address, e.g. tcp://127.0.0.1:5550 (or ${BROKER_ENV}).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """fedstream: stream large files between federation sites through one ZeroMQ broker."""
+def package_version() -> str:
+    """The installed fedstream version ("unknown" when running from an uninstalled tree)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-@main.command("broker")
-@click.option("--bind", default="tcp://127.0.0.1:5550", show_default=True, metavar="URL",
-              help="Address to listen on; port 0 picks free ports. Fan-out uses the next two ports.")
-@click.option("--node-timeout", default=5.0, show_default=True, type=float,
-              help="Seconds without a heartbeat before a node is dropped.")
-@verbose_option
-def broker_command(bind: str, node_timeout: float, verbose: int) -> None:
-    """Run the broker in the foreground until Ctrl-C / SIGTERM."""
-    from broker import Broker
-
-    setup_logging(max(verbose, 1))
     try:
-        broker = Broker(bind=bind, node_timeout=node_timeout).start()
-    except (ValueError, OSError) as exc:
-        fail(str(exc))
-    click.echo(broker.address)
-    sys.stdout.flush()
-    try:
-        wait_for_termination(threading.Event())
-    finally:
-        broker.stop()
-
-
-from nodes import (  # noqa: E402,F401  (registers their commands)
-    cli_node,
-    cli_pull,  # noqa: E402,F401
-    cli_push,  # noqa: E402,F401
-    cli_simulate,
-)
+        return version("fedstream")
+    except PackageNotFoundError:
+        return "unknown"

@@ -16,12 +16,12 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from common import digest as digests
-from common.constants import MAX_CHUNK_SIZE
-from common.rc import DownloadStatus
-from nodes import pull_wire as wire
-from nodes.cell import Cell
-from nodes.message import Message, Reply
+from fedstream.common import digest as digests
+from fedstream.common.constants import MAX_CHUNK_SIZE
+from fedstream.common.rc import DownloadStatus
+from fedstream.nodes.pull import wire
+from fedstream.nodes.cell import Cell
+from fedstream.nodes.message import Message, Reply
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import tempfile
 
 import click
 
-from common.constants import DEFAULT_CHUNK_SIZE
-from common.sizes import format_size, parse_size
-from nodes.cli import fail, main, setup_logging, verbose_option
-from nodes.simulate import Simulation, SimulationError, format_table
+from fedstream.common.constants import DEFAULT_CHUNK_SIZE
+from fedstream.common.sizes import format_size, parse_size
+from fedstream.nodes.cli.options import fail, setup_logging, verbose_option
+from fedstream.nodes.simulate.files import Simulation, SimulationError, format_table
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
@@ -20,7 +20,7 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     return size
 
 
-@main.command("simulate")
+@click.command("simulate")
 @click.option("--sites", default=4, show_default=True, type=click.IntRange(1, 64), help="Number of site nodes.")
 @click.option("--size", default="256M", show_default=True, callback=_size, help="Size of each test file.")
 @click.option("--mode", type=click.Choice(["push", "pull", "both"]), default="both", show_default=True)

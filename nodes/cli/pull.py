@@ -7,14 +7,13 @@ from typing import Optional
 
 import click
 
-from common.constants import DEFAULT_CHUNK_TIMEOUT
-from common.fqcn import validate_fqcn
-from common.rc import DownloadStatus
-from nodes.cli import (
+from fedstream.common.constants import DEFAULT_CHUNK_TIMEOUT
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.rc import DownloadStatus
+from fedstream.nodes.cli.options import (
     broker_option,
     default_cli_name,
     fail,
-    main,
     setup_logging,
     split_names,
     start_cell,
@@ -25,7 +24,7 @@ from nodes.cli import (
 DEFAULT_SERVE_TIMEOUT = 300.0
 
 
-@main.command("serve")
+@click.command("serve")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @broker_option
 @click.option("--as", "name", default=None, metavar="NAME", help="This owner's cell name (default: serve-<pid>).")
@@ -42,8 +41,8 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
     Serves until --timeout seconds pass without download activity, every --announce-to site
     downloaded every file, or Ctrl-C. Exits non-zero if an announced site did not get every file.
     """
-    from nodes import FileDownloader
-    from nodes.announce import announce
+    from fedstream.nodes import FileDownloader
+    from fedstream.nodes.pull.announce import announce
 
     setup_logging(verbose)
     try:
@@ -115,7 +114,7 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
         fail("; ".join(problems) + ".")
 
 
-@main.command("get")
+@click.command("get")
 @click.argument("ref_id")
 @click.option("--from", "owner", required=True, metavar="NAME", help="The cell that serves the file.")
 @broker_option
@@ -132,9 +131,9 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
 
     An interrupted download resumes when the same command is run again with the same -o.
     """
-    from nodes import download_file
-    from nodes.progress import Progress
-    from nodes.pull_wire import is_valid_ref
+    from fedstream.nodes import download_file
+    from fedstream.nodes.cli.progress import Progress
+    from fedstream.nodes.pull.wire import is_valid_ref
 
     setup_logging(verbose)
     try:

@@ -10,14 +10,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
-from common import constants
-from common.errors import FedstreamError
-from common.filenames import check_dest_dir, sanitize_name
-from common.fqcn import validate_fqcn
-from nodes import pull_wire as wire
-from nodes.cell import Cell
-from nodes.message import Message
-from nodes.pull_receiver import download_file, report_give_up
+from fedstream.common import constants
+from fedstream.common.errors import FedstreamError
+from fedstream.common.filenames import check_dest_dir, sanitize_name
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.nodes.pull import wire
+from fedstream.nodes.cell import Cell
+from fedstream.nodes.message import Message
+from fedstream.nodes.pull.recipient import download_file, report_give_up
 
 log = logging.getLogger(__name__)
 

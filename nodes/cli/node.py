@@ -5,10 +5,10 @@ import threading
 
 import click
 
-from common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
-from common.errors import FedstreamError
-from common.rc import ReturnCode
-from nodes.cli import broker_option, fail, main, setup_logging, verbose_option, wait_for_termination
+from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
+from fedstream.common.errors import FedstreamError
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes.cli.options import broker_option, fail, setup_logging, verbose_option, wait_for_termination
 
 _print_lock = threading.Lock()
 
@@ -19,7 +19,7 @@ def emit(*fields: object) -> None:
         click.echo("\t".join(str(f) for f in fields))
 
 
-@main.command("node")
+@click.command("node")
 @click.argument("name")
 @broker_option
 @click.option("--recv-dir", default=".", show_default=True, type=click.Path(file_okay=False),
@@ -31,8 +31,8 @@ def node_command(name: str, broker_url: str, recv_dir: str, verbose: int) -> Non
     Prints `ready<TAB>NAME` once registered, then one line per file:
     `received<TAB>push|pull<TAB>PATH` or `failed<TAB>push|pull<TAB>NAME<TAB>REASON`.
     """
-    from nodes import Cell, FileStreamer, FLContext
-    from nodes.announce import accept_announcements
+    from fedstream.nodes import Cell, FileStreamer, FLContext
+    from fedstream.nodes.pull.announce import accept_announcements
 
     setup_logging(verbose)
     recv_dir = os.path.abspath(recv_dir)

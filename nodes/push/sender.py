@@ -27,16 +27,16 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import zmq
 
-from common import digest as digests
-from common.constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT, MAX_CHUNK_SIZE
-from common.errors import CellError, RemoteError, UnreachableError
-from common.fqcn import validate_fqcn
-from common.protocol import is_json_compatible
-from common.rc import ReturnCode
-from nodes import push_wire as wire
-from nodes.cell import Cell, PendingRequest
-from nodes.message import Message, Reply
-from nodes.per_cell import PerCell
+from fedstream.common import digest as digests
+from fedstream.common.constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT, MAX_CHUNK_SIZE
+from fedstream.common.errors import CellError, RemoteError, UnreachableError
+from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.protocol import is_json_compatible
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes.push import wire
+from fedstream.nodes.cell import Cell, PendingRequest
+from fedstream.nodes.message import Message, Reply
+from fedstream.nodes.per_cell import PerCell
 
 log = logging.getLogger(__name__)
 

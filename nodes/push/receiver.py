@@ -23,17 +23,17 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from common import digest as digests
-from common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
-from common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
-from common.rc import ReturnCode
-from nodes import push_wire as wire
-from nodes import stream_context as keys
-from nodes.cell import Cell
-from nodes.context import FLContext
-from nodes.message import Message, Reply
-from nodes.per_cell import PerCell
-from nodes.stream_context import StreamContext
+from fedstream.common import digest as digests
+from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
+from fedstream.common.rc import ReturnCode
+from fedstream.nodes.push import wire
+from fedstream.nodes.push import stream_context as keys
+from fedstream.nodes.cell import Cell
+from fedstream.nodes.context import FLContext
+from fedstream.nodes.message import Message, Reply
+from fedstream.nodes.per_cell import PerCell
+from fedstream.nodes.push.stream_context import StreamContext
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,21 @@
+"""The `fedstream` command line: the click group and the commands it is made of.
+
+Each command lives in its own module and imports only `options`; this module is the only
+one that knows them all, so the CLI has no import circle.
+"""
+
+import click
+
+from fedstream.nodes.cli import broker, node, pull, push, simulate
+from fedstream.nodes.cli.options import package_version
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_version(), "--version", prog_name="fedstream", message="%(prog)s %(version)s")
+def main() -> None:
+    """fedstream: stream large files between federation sites through one ZeroMQ broker."""
+
+
+for _command in (broker.broker_command, node.node_command, pull.serve_command, pull.get_command,
+                 push.push_command, simulate.simulate_command):
+    main.add_command(_command)

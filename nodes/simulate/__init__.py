@@ -1,0 +1,1 @@
+"""A federation on one machine: broker, server and sites as processes (`fedstream simulate`)."""
