@@ -13,12 +13,32 @@ PAYLOAD_BYTES = "b"
 PAYLOAD_JSON = "j"
 
 
+# The one error convention of replies (push, pull, applications): a failed request is
+# answered with headers {"err": <code>, "msg": <sentence>}; a reply without "err" succeeded.
+ERR_KEY = "err"
+MSG_KEY = "msg"
+
+
 @dataclass
 class Reply:
     """A reply (or one-way message) with JSON `headers` next to its payload."""
 
     payload: Any = None
     headers: dict = field(default_factory=dict)
+
+    @classmethod
+    def failure(cls, code: str, message: str) -> "Reply":
+        """A reply saying the request failed: a short machine code and a sentence for people."""
+        return cls(None, {ERR_KEY: code, MSG_KEY: message})
+
+
+def reply_error(headers: dict) -> Optional[tuple[str, str]]:
+    """(code, sentence) of a failed reply's headers, or None if the reply succeeded."""
+    code = headers.get(ERR_KEY)
+    if code is None:
+        return None
+    message = headers.get(MSG_KEY)
+    return str(code), message if isinstance(message, str) else str(code)
 
 
 def encode_payload(payload: Any) -> tuple[str, list]:
