@@ -2,12 +2,13 @@
 
 import logging
 import threading
+from time import monotonic
 from collections import Counter
 from typing import Optional
 
 import zmq
 
-from fedstream.broker.registry import Registry, monotonic
+from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
 from fedstream.common.fqcn import is_valid_fqcn

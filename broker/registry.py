@@ -1,6 +1,5 @@
 """Which FQCN is connected on which ROUTER identity, and when it was last heard from."""
 
-import time
 from dataclasses import dataclass
 
 
@@ -65,7 +64,3 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._by_fqcn)
-
-
-def monotonic() -> float:
-    return time.monotonic()
