@@ -5,6 +5,7 @@ from fedstream.nodes.context import FLContext
 from fedstream.nodes.message import Message, Reply
 from fedstream.nodes.pull import FileDownloader, download_file
 from fedstream.nodes.push import FileStreamer, StreamContext
+from fedstream.nodes.simulate.local import LocalFederation
 
-__all__ = ["Cell", "FLContext", "FileDownloader", "FileStreamer", "Message", "PendingRequest", "Reply",
+__all__ = ["Cell", "FLContext", "FileDownloader", "FileStreamer", "LocalFederation", "Message", "PendingRequest", "Reply",
            "StreamContext", "download_file"]

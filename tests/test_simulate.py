@@ -1,7 +1,9 @@
 """`fedstream simulate` and `scripts/bench.py --quick` end to end."""
 
+import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +13,7 @@ from tests.procs import REPO, process_gone, wait_until
 
 @pytest.mark.timeout(240)
 def test_simulate_small_federation_verifies_every_site(procs, tmp_path):
-    sim = procs.fedstream("simulate", "--sites", "2", "--size", "8M", "--workdir", str(tmp_path))
+    sim = procs.fedstream("simulate", "--files", "--sites", "2", "--size", "8M", "--workdir", str(tmp_path))
     assert sim.wait(200) == 0, sim.stderr
     out = "\n".join(sim.remaining_stdout())
     for mode in ("push", "pull"):
@@ -23,7 +25,7 @@ def test_simulate_small_federation_verifies_every_site(procs, tmp_path):
 
 @pytest.mark.timeout(240)
 def test_simulate_with_a_killed_site_fails_cleanly(procs, tmp_path):
-    sim = procs.fedstream("simulate", "--sites", "2", "--size", "512M", "--mode", "push",
+    sim = procs.fedstream("simulate", "--files", "--sites", "2", "--size", "512M", "--mode", "push",
                           "--chunk-size", "256K", "--workdir", str(tmp_path))
     pids = {}
     for _ in range(5):  # broker, site-1, site-2, server-push ... lines
@@ -50,3 +52,55 @@ def test_bench_quick_runs_and_verifies(procs):
     for run in ("bare relay 1", "pull 1", "push 1", "bare relay 2", "bare fan-out 2", "pull 2", "push 2"):
         assert re.search(rf"^{run}\s+\d+\s+[\d.]+\s+yes", out, re.M), out
     assert "pull 1 vs bare relay 1" in out
+
+
+@pytest.mark.timeout(300)
+def test_simulate_fedavg_rounds_verify_bit_for_bit(procs, tmp_path):
+    sim = procs.fedstream("simulate", "--rounds", "2", "--sites", "3", "--model-size", "8M",
+                          "--workdir", str(tmp_path))
+    assert sim.wait(280) == 0, sim.stderr
+    out = "\n".join(sim.remaining_stdout())
+    assert "final model verified bit for bit: all 3 sites in all 2 rounds" in out, out
+    assert re.search(r"^\s+2\s+24\.0 MiB\s+24\.0 MiB", out, re.M), out  # round 2: 3 x 8 MiB each way
+    for process in ("broker", "server", "site-1", "site-2", "site-3"):
+        assert re.search(rf"^  {process}\s+[\d.]+ MiB$", out, re.M), out
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(300)
+def test_simulate_fedavg_by_push_as_json(procs, tmp_path):
+    sim = procs.fedstream("simulate", "--rounds", "2", "--sites", "2", "--model-size", "4M", "--down", "push",
+                          "--json", "--workdir", str(tmp_path))
+    assert sim.wait(280) == 0, sim.stderr
+    result = json.loads("\n".join(sim.remaining_stdout()))
+    assert result["verified"] is True and result["missing"] == [] and result["error"] is None
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert all(r["sites"] == ["site-1", "site-2"] for r in result["rounds"])
+    assert set(result["peak_rss"]) == {"broker", "server", "site-1", "site-2"}
+
+
+@pytest.mark.timeout(300)
+def test_simulate_fedavg_with_a_killed_site_exits_3(procs, tmp_path):
+    sim = procs.fedstream("simulate", "--rounds", "3", "--sites", "3", "--model-size", "8M",
+                          "--kill-site", "site-2@2", "--workdir", str(tmp_path))
+    pids = {}
+    for _ in range(5):  # broker, site-1..3, server
+        label, pid = re.match(r"started (\S+) \(pid (\d+)\)", sim.expect("started ", 60)).groups()
+        pids[label] = int(pid)
+    assert sim.wait(280) == 3, sim.stderr
+    out = "\n".join(sim.remaining_stdout())
+    assert "final model verified; missing: site-2" in out, out
+    assert re.search(r"round 2: site-2 is missing", out), out
+    for pid in pids.values():
+        wait_until(lambda: process_gone(pid), 10)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(120)
+def test_readme_local_federation_example_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- readme-example: local-federation -->", 1)[1]
+    code = block.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(code)
+    ran = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=100)
+    assert ran.returncode == 0, ran.stderr[-3000:]
