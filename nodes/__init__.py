@@ -7,5 +7,5 @@ from fedstream.nodes.pull import FileDownloader, download_file
 from fedstream.nodes.push import FileStreamer, StreamContext
 from fedstream.nodes.simulate.local import LocalFederation
 
-__all__ = ["Cell", "FLContext", "FileDownloader", "FileStreamer", "LocalFederation", "Message", "PendingRequest", "Reply",
-           "StreamContext", "download_file"]
+__all__ = ["Cell", "FLContext", "FileDownloader", "FileStreamer", "LocalFederation", "Message", "PendingRequest",
+           "Reply", "StreamContext", "download_file"]

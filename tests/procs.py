@@ -41,7 +41,8 @@ def run_cli_on_a_terminal(*args: str, timeout: float = 60.0) -> tuple[int, str, 
 
     master, slave = pty.openpty()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "fedstream.nodes", *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "fedstream.nodes", *args], stdout=subprocess.PIPE, stderr=slave,
+                            env=env)
     os.close(slave)
     try:
         stdout, _ = proc.communicate(timeout=timeout)

@@ -5,16 +5,18 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import click
 
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.sizes import format_size, parse_size
 from fedstream.nodes.cli.options import fail, setup_logging, verbose_option
-from fedstream.nodes.simulate.federation import FedAvgConfig, FedAvgSimulation, format_report
+from fedstream.nodes.simulate.federation import FedAvgConfig, FedAvgResult, FedAvgSimulation, format_report
 from fedstream.nodes.simulate.files import Simulation, format_table
 from fedstream.nodes.simulate.process import SimulationError
+
+T = TypeVar("T")
 
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
@@ -88,26 +90,15 @@ def simulate_command(sites: int, rounds: int, model_size: int, layers: int, down
     config = FedAvgConfig(sites=sites, rounds=rounds, model_size=model_size, layers=layers, down=down,
                           kill_site=kill_site, round_timeout=round_timeout)
     sim = FedAvgSimulation(config, root, say, progress)
-    result = None
-    error = None
-    try:
+
+    def run() -> FedAvgResult:
         if secure:
             config.kit_dir = _provision(root, sim.sites)
         say(f"simulating FedAvg: {sites} sites, {rounds} rounds, model {format_size(model_size)}, "
             f"down by {down}{', secure' if secure else ''}, in {root}")
-        result = sim.run()
-    except SimulationError as exc:
-        error = str(exc)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    finally:
-        sim.stop_all()
-        if live:
-            click.echo("", err=True)
-        if keep:
-            say(f"files and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        return sim.run()
+
+    result, error = _run_and_clean(run, sim.stop_all, root, keep, live, say)
     if result is not None and error is None:
         error = result.error
     if as_json:
@@ -134,6 +125,25 @@ def _provision(root: str, sites: list[str]) -> str:
     project = f"{root}/project"
     provision(project, ["broker", "server", *sites])
     return project
+
+
+def _run_and_clean(run: Callable[[], T], stop_all: Callable[[], None], root: str, keep: bool, live: bool,
+                   say: Callable[[str], None]) -> tuple[Optional[T], Optional[str]]:
+    """(what `run()` returned, None) or (None, why it failed); processes stopped, files removed unless kept."""
+    try:
+        return run(), None
+    except SimulationError as exc:
+        return None, str(exc)
+    except KeyboardInterrupt:
+        return None, "interrupted"
+    finally:
+        stop_all()
+        if live:
+            click.echo("", err=True)
+        if keep:
+            say(f"files and logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _printers(live: bool, quiet: bool = False):
@@ -167,22 +177,8 @@ def run_files(sites: int, size: int, mode: str, chunk_size: int, workdir: "str |
     modes = ["push", "pull"] if mode == "both" else [mode]
     sim = Simulation(sites, size, modes, chunk_size, root, say, progress)
     say(f"simulating {sites} sites, {format_size(size)} per file, mode {mode}, in {root}")
-    results = []
-    error = None
-    try:
-        results = sim.run()
-    except SimulationError as exc:
-        error = str(exc)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    finally:
-        sim.stop_all()
-        if live:
-            click.echo("", err=True)
-        if keep:
-            say(f"files and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    results, error = _run_and_clean(sim.run, sim.stop_all, root, keep, live, say)
+    results = results or []
     for result in results:
         click.echo()
         click.echo(format_table(result, sim.sites))

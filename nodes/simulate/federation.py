@@ -9,13 +9,12 @@ its bit-for-bit check run in the server (`server.py`); the sites in `site.py`.
 import json
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from fedstream.common.sizes import format_size
 from fedstream.nodes.simulate import roles
-from fedstream.nodes.simulate.process import Process, SimulationError, fedstream_command, module_command
+from fedstream.nodes.simulate.process import Process, fedstream_command, module_command
 
 MB = 1_000_000
 _START_TIMEOUT = 30.0
@@ -94,16 +93,6 @@ class FedAvgSimulation:
     def _kit(self, name: str) -> list[str]:
         return ["--kit", os.path.join(self.config.kit_dir, name)] if self.config.kit_dir else []
 
-    def _expect(self, proc: Process, prefix: str) -> str:
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline:
-            line = proc.next_line(0.1)
-            if line is not None and line.startswith(prefix):
-                return line
-            if line is None and proc.poll() is not None:
-                break
-        raise SimulationError(f"{proc.label} did not start (see {proc.label}.log in {self.workdir}/logs)")
-
     def stop_all(self) -> None:
         for proc in reversed(self.processes):
             proc.stop()
@@ -113,13 +102,13 @@ class FedAvgSimulation:
         result = FedAvgResult(self.sites, secure=self.config.kit_dir is not None)
         broker = self._spawn("broker", fedstream_command("broker", "--bind", "tcp://127.0.0.1:0",
                                                          *self._kit("broker")))
-        address = self._expect(broker, "tcp://")
+        address = broker.expect_start("tcp://", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
         site_procs = {}
         for site in self.sites:
             site_procs[site] = self._spawn(site, module_command("fedstream.nodes.simulate.site", site,
                                                                "--broker", address, *self._kit(site)))
         for proc in site_procs.values():
-            self._expect(proc, "ready")
+            proc.expect_start("ready", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
         server = self._spawn(roles.SERVER, module_command(
             "fedstream.nodes.simulate.server", "--broker", address, "--sites", ",".join(self.sites),
             "--rounds", str(self.config.rounds), "--model-size", str(self.config.model_size),

@@ -75,26 +75,17 @@ class Simulation:
         self.say(f"started {label} (pid {proc.pid})")
         return proc
 
-    def _expect(self, proc: Process, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = proc.next_line(0.1)
-            if line is not None and line.startswith(prefix):
-                return line
-            if line is None and proc.poll() is not None:
-                break
-        raise SimulationError(f"{proc.label} did not start (see {proc.label}.log in {self.workdir}/logs)")
 
     def start_federation(self) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
         self.broker = self._spawn("broker", "broker", "--bind", "tcp://127.0.0.1:0")
-        self.address = self._expect(self.broker, "tcp://", _START_TIMEOUT)
+        self.address = self.broker.expect_start("tcp://", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
         for site in self.sites:
             recv_dir = os.path.join(self.workdir, site)
             os.makedirs(recv_dir, exist_ok=True)
             self.nodes[site] = self._spawn(site, "node", site, "--broker", self.address, "--recv-dir", recv_dir)
         for site, proc in self.nodes.items():
-            self._expect(proc, "ready", _START_TIMEOUT)
+            proc.expect_start("ready", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
 
     def stop_all(self) -> None:
         for proc in reversed(self.processes):

@@ -56,6 +56,17 @@ class Process:
         except queue.Empty:
             return None
 
+    def expect_start(self, prefix: str, timeout: float, log_dir: str) -> str:
+        """The first stdout line starting with `prefix`; SimulationError if none within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.next_line(0.1)
+            if line is not None and line.startswith(prefix):
+                return line
+            if line is None and self.poll() is not None:
+                break
+        raise SimulationError(f"{self.label} did not start (see {self.label}.log in {log_dir})")
+
     def record_rss(self) -> None:
         """Remember the peak RSS while the process is alive."""
         value = peak_rss(self.pid)
