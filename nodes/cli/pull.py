@@ -40,6 +40,11 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
 
     Serves until --timeout seconds pass without download activity, every --announce-to site
     downloaded every file, or Ctrl-C. Exits non-zero if an announced site did not get every file.
+
+    \b
+    Examples:
+      fedstream serve model.pt --broker tcp://10.0.0.5:5550 --as server
+      fedstream serve shard-*.bin --announce-to site-1,site-2 --timeout 600
     """
     from fedstream.nodes import FileDownloader
     from fedstream.nodes.pull.announce import announce
@@ -130,6 +135,11 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
     """Download the file REF_ID from --from and print its path.
 
     An interrupted download resumes when the same command is run again with the same -o.
+
+    \b
+    Examples:
+      fedstream get 3f2a...e9 --from server --broker tcp://10.0.0.5:5550 -o /data/incoming
+      path=$(fedstream get "$RID" --from server --quiet | tail -n 1)
     """
     from fedstream.nodes import download_file
     from fedstream.nodes.cli.progress import Progress

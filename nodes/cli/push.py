@@ -35,6 +35,11 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
     """Push FILE to every site of --to; exit 0 only when all of them hold the verified file.
 
     The sites must accept pushes on the default channel (e.g. `fedstream node`).
+
+    \b
+    Examples:
+      fedstream push model.pt --to site-1,site-2 --broker tcp://10.0.0.5:5550
+      FEDSTREAM_BROKER=tcp://10.0.0.5:5550 fedstream push data.tar --to site-3 --chunk-size 4M
     """
     from fedstream.nodes.cli.progress import Progress
     from fedstream.nodes.push.sender import check_push_args, send_file
