@@ -128,7 +128,7 @@ class PushFederation:
     fl_ctx: FLContext
 
     def reports(self, tag: str) -> list[dict]:
-        """Each site's DONE report of the stream tagged `tag`; then wait until the files are removed."""
+        """Each site's DONE report of the stream tagged `tag`."""
         found = []
         for site in SITES:
             report = value(self.receivers[site], "DONE", 60)
@@ -137,8 +137,7 @@ class PushFederation:
         return found
 
     def wait_empty(self) -> None:
-        for dest in self.dests.values():
-            wait_until(lambda: not os.listdir(dest), 10)
+        wait_until(lambda: not any(os.listdir(dest) for dest in self.dests.values()), 10)
 
 
 @pytest.fixture(scope="module")
