@@ -11,10 +11,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes import Cell, FileStreamer, FLContext
+from fedstream.nodes import Cell, FileDownloader, FileStreamer, FLContext, download_object
 from fedstream.nodes.objects import UnsupportedValueError, spool
 from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.push.sender import send_file
@@ -120,6 +121,42 @@ def test_pull_damaged_spool_files_give_errors_not_objects(procs, tmp_path, broke
     assert value(recipient, "TEMP_LEFT") == []
 
 
+@pytest.fixture
+def spool_dir(tmp_path, monkeypatch):
+    """This process's temp dir, where add_object and stream_object spool."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+def test_pull_spool_file_is_removed_when_the_transaction_times_out(broker_address, spool_dir):
+    with Cell("server", broker_address) as cell:
+        tx = FileDownloader.new_transaction(cell, 0.3, None)
+        FileDownloader.add_object(tx, {"w": np.zeros(10)})
+        assert len(os.listdir(spool_dir)) == 1
+        wait_until(lambda: not os.listdir(spool_dir), 10)
+        with pytest.raises(ValueError, match="Unknown transaction"):
+            FileDownloader.add_object(tx, {"w": 1})
+    assert os.listdir(spool_dir) == []  # nothing serialized for a transaction that is gone
+
+
+def test_pull_object_arguments_are_checked_before_serializing(spool_dir):
+    with pytest.raises(ValueError, match="Unknown transaction 'nope'"):
+        FileDownloader.add_object("nope", {"w": 1})
+    with pytest.raises(ValueError, match="serializer must be"):
+        FileDownloader.add_object("nope", {"w": 1}, serializer="json")
+    with pytest.raises(ValueError, match="file_downloaded_cb must be callable"):
+        FileDownloader.add_object("nope", {"w": 1}, file_downloaded_cb=3)
+    with pytest.raises(ValueError, match="allow_pickle must be True or False"):
+        download_object("server", "0" * 32, 5, None, allow_pickle=1)
+    with pytest.raises(ValueError, match="keep_partial is not supported"):
+        download_object("server", "0" * 32, 5, None, keep_partial=True)
+    with pytest.raises(ValueError, match="needs a Cell"):
+        download_object("server", "0" * 32, 5, None)
+    assert os.listdir(spool_dir) == []
+
+
 # -- push ------------------------------------------------------------------------------------------
 @dataclass
 class PushFederation:
@@ -161,15 +198,6 @@ def fed(tmp_path_factory):
         if cell is not None:
             cell.stop()
         procs.cleanup()
-
-
-@pytest.fixture
-def spool_dir(tmp_path, monkeypatch):
-    """This process's temp dir, where stream_object spools."""
-    directory = tmp_path / "spool"
-    directory.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(directory))
-    return directory
 
 
 def test_push_round_trip_to_three_targets(fed, spool_dir):

@@ -17,6 +17,7 @@ never yields part of an object. Nothing in a container is ever executed; numpy i
 when a value holds an array.
 """
 
+import io
 import json
 import math
 import struct
@@ -106,7 +107,7 @@ class BodyWriter:
         return HEADER_SIZE + self.size + TRAILER_SIZE
 
 
-def read_envelope(f: IO[bytes], file_size: int) -> Envelope:
+def read_envelope(f: io.BufferedIOBase, file_size: int) -> Envelope:
     """Check the header and trailer of an open file against its size; leave `f` at the body."""
     if file_size < HEADER_SIZE + TRAILER_SIZE:
         raise ObjectFormatError(f"the object file is truncated ({file_size} bytes, too short for a container).")
@@ -135,7 +136,7 @@ def read_envelope(f: IO[bytes], file_size: int) -> Envelope:
 class BodyReader:
     """Reads a body within its declared size, hashing every byte; `finish` checks size and digest."""
 
-    def __init__(self, f: IO[bytes], envelope: Envelope) -> None:
+    def __init__(self, f: io.BufferedIOBase, envelope: Envelope) -> None:
         self._f = f
         self._envelope = envelope
         self._hasher = xxhash.xxh3_128()
@@ -209,7 +210,7 @@ class _Encoder:
     def __init__(self, out: BodyWriter, max_depth: int) -> None:
         self.out = out
         self.max_depth = max_depth
-        self.np = sys.modules.get("numpy")  # without numpy loaded, no value can be an array
+        self.np: Any = sys.modules.get("numpy")  # without numpy loaded, no value can be an array
 
     def encode(self, value: Any, path: tuple, depth: int) -> None:
         if depth > self.max_depth:
@@ -481,7 +482,7 @@ def _dtype_from_json(np: Any, value: Any, depth: int) -> Any:
     return dtype
 
 
-def load(f: IO[bytes], file_size: int, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> Any:
+def load(f: io.BufferedIOBase, file_size: int, max_depth: int = MAX_DEPTH, max_values: int = MAX_VALUES) -> Any:
     """Read a container file from the binary file `f` of `file_size` bytes and return its value.
 
     Raises ObjectFormatError if the file is truncated, damaged or exceeds the limits, and
