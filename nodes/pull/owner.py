@@ -185,6 +185,7 @@ class _Transaction:
         self.files: list[_SharedFile] = []
         self.last_activity = time.monotonic()
         self.ended = False
+        self.end_hooks: list[Callable[[], None]] = []  # run once when the transaction ends
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -202,6 +203,9 @@ class FileDownloader:
     _files: dict[str, _SharedFile] = {}
     _monitor: Optional[threading.Thread] = None
     _cells: "weakref.WeakSet[Cell]" = weakref.WeakSet()
+    # add_object(tx_id, obj, file_downloaded_cb=None, serializer=None, **cb_kwargs) -> ref_id,
+    # attached by nodes/pull/objects.py (which builds on this class)
+    add_object: Callable[..., str]
 
     @classmethod
     def new_transaction(cls, cell: Cell, timeout: float, timeout_cb: Optional[Callable], **cb_kwargs: Any) -> str:
@@ -260,6 +264,15 @@ class FileDownloader:
         return shared.ref_id
 
     @classmethod
+    def add_end_hook(cls, transaction_id: str, hook: Callable[[], None]) -> None:
+        """Call `hook()` once when the transaction ends (timeout, deletion, shutdown or cell stop)."""
+        with cls._lock:
+            tx = cls._transactions.get(transaction_id) if isinstance(transaction_id, str) else None
+            if tx is None:
+                raise ValueError(f"Unknown transaction {transaction_id!r}: it does not exist or has ended.")
+            tx.end_hooks.append(hook)
+
+    @classmethod
     def delete_transaction(cls, tx_id: str, call_cb: bool = False) -> None:
         """End a transaction now (its RIDs stop working); call its timeout_cb if `call_cb`.
 
@@ -295,6 +308,8 @@ class FileDownloader:
         for shared in files:
             for site in shared.take_unfinished():
                 shared.report(site, DownloadStatus.FAILED)
+        for hook in tx.end_hooks:
+            _call_user_cb("transaction end hook", hook)
         if call_cb and tx.timeout_cb is not None:
             _call_user_cb("timeout_cb", tx.timeout_cb, tx.tx_id, [f.file_name for f in files], **tx.cb_kwargs)
 

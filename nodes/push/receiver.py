@@ -27,6 +27,7 @@ from fedstream.common import digest as digests
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
 from fedstream.common.rc import ReturnCode
+from fedstream.nodes.push import objects as push_objects
 from fedstream.nodes.push import wire
 from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.cell import Cell
@@ -70,6 +71,7 @@ class _Registration:
     stream_done_cb: Optional[StreamCallback]
     chunk_consumed_cb: Optional[StreamCallback]
     cb_kwargs: dict
+    allow_pickle: bool = False
 
 
 def _call_user_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: StreamContext) -> bool:
@@ -105,7 +107,8 @@ class _Stream:
         ctx = self.ctx = StreamContext(info["ctx"])
         ctx.update({keys.KEY_FILE_NAME: self.name, keys.KEY_FILE_SIZE: self.size, keys.KEY_FILE_LOCATION: None,
                     keys.KEY_RC: None, keys.KEY_STREAM_ID: self.sid, keys.KEY_SENDER: owner,
-                    keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0})
+                    keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0,
+                    keys.KEY_ALLOW_PICKLE: reg.allow_pickle})
         self.lock = threading.Lock()
         self.ended = threading.Event()
         self.rc: Optional[ReturnCode] = None
@@ -161,6 +164,7 @@ class _Stream:
                         self.reason)
         if self.reg.stream_done_cb is not None:
             _call_user_cb("stream_done_cb", self.reg.stream_done_cb, self.reg, self.ctx)
+        push_objects.discard_received(self.ctx)
 
     # -- the receiving thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -467,7 +471,8 @@ _hubs: PerCell[_ReceiverHub] = PerCell(_ReceiverHub)  # the receiver side of pus
 
 def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
                                stream_done_cb: Optional[StreamCallback] = None,
-                               chunk_consumed_cb: Optional[StreamCallback] = None, **cb_kwargs: Any) -> None:
+                               chunk_consumed_cb: Optional[StreamCallback] = None, allow_pickle: bool = False,
+                               **cb_kwargs: Any) -> None:
     """Accept pushes on (channel, topic) of fl_ctx's cell into dest_dir (see FileStreamer)."""
     if not isinstance(fl_ctx, FLContext):
         raise ValueError(f"fl_ctx must be an FLContext, got {type(fl_ctx).__name__}.")
@@ -479,10 +484,12 @@ def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest
     for what, cb in (("stream_done_cb", stream_done_cb), ("chunk_consumed_cb", chunk_consumed_cb)):
         if cb is not None and not callable(cb):
             raise ValueError(f"{what} must be callable, got {type(cb).__name__}.")
+    if not isinstance(allow_pickle, bool):
+        raise ValueError(f"allow_pickle must be True or False, got {allow_pickle!r}.")
     directory = check_dest_dir(dest_dir)
     cell = fl_ctx.get_engine().get_cell()
     _hubs.get(cell).register(_Registration(fl_ctx, channel, topic, directory, stream_done_cb, chunk_consumed_cb,
-                                          dict(cb_kwargs)))
+                                          dict(cb_kwargs), allow_pickle))
 
 
 def set_receiver_tuning(cell: Cell, tuning: ReceiverTuning) -> None:

@@ -14,6 +14,8 @@ KEY_SENDER = "__fedstream_sender__"
 KEY_CHANNEL = "__fedstream_channel__"
 KEY_TOPIC = "__fedstream_topic__"
 KEY_REPAIRED_CHUNKS = "__fedstream_repaired_chunks__"
+KEY_OBJECT = "__fedstream_object__"  # set by stream_object: the serializer of an object stream
+KEY_ALLOW_PICKLE = "__fedstream_allow_pickle__"  # set by the receiver from its registration
 
 
 class StreamContext(dict):

@@ -3,7 +3,7 @@
 from typing import Any, Callable, List, Mapping, Optional
 
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes.push import receiver as push_receiver, sender as push_sender
+from fedstream.nodes.push import objects as push_objects, receiver as push_receiver, sender as push_sender
 from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.context import FLContext
 from fedstream.nodes.push.stream_context import StreamContext
@@ -18,7 +18,7 @@ class FileStreamer:
     def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
                                    stream_done_cb: Optional[Callable[..., Any]] = None,
                                    chunk_consumed_cb: Optional[Callable[..., Any]] = None,
-                                   **cb_kwargs: Any) -> None:
+                                   allow_pickle: bool = False, **cb_kwargs: Any) -> None:
         """Accept files pushed on (channel, topic) to this site.
 
         Files are written as hidden `.part` files in `dest_dir` (default: the system temp dir)
@@ -26,10 +26,11 @@ class FileStreamer:
         added rather than overwriting). `stream_done_cb(stream_ctx, fl_ctx, **cb_kwargs)` is
         called once per stream, success or not; `chunk_consumed_cb(stream_ctx, fl_ctx,
         **cb_kwargs)` after each chunk is written. Registering (channel, topic) again replaces
-        the previous registration. Raises ValueError for bad arguments.
+        the previous registration. `allow_pickle=True` lets get_object load cloudpickle payloads
+        (only for senders you trust). Raises ValueError for bad arguments.
         """
         push_receiver.register_stream_processing(fl_ctx, channel, topic, dest_dir, stream_done_cb,
-                                                 chunk_consumed_cb, **cb_kwargs)
+                                                 chunk_consumed_cb, allow_pickle, **cb_kwargs)
 
     @staticmethod
     def stream_file(channel: str, topic: str, stream_ctx: Optional[Mapping[str, Any]], targets: List[str],
@@ -51,6 +52,9 @@ class FileStreamer:
         result = push_sender.send_file(fl_ctx.get_engine().get_cell(), channel, topic, stream_ctx, targets,
                                        file_name, chunk_size, chunk_timeout, optional=optional)
         return result.rc, result.ok
+
+    stream_object = staticmethod(push_objects.stream_object)  # (..., obj, fl_ctx, ..., serializer=None) -> (rc, ok)
+    get_object = staticmethod(push_objects.get_object)  # the object of a stream, inside stream_done_cb
 
     @staticmethod
     def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:
