@@ -27,18 +27,24 @@ def layer_names(layers: int) -> list[str]:
     return [f"layer{i}" for i in range(layers)]
 
 
-def initial_model(size: int, layers: int) -> Model:
-    """The global model of round 1: `layers` float32 arrays of about `size` bytes in total."""
+def _layer_length(size: int, layers: int) -> int:
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}.")
-    per_layer = max(1, size // (layers * _ITEM))
-    model = {}
-    for index, name in enumerate(layer_names(layers)):
-        values = np.arange(per_layer, dtype=_DTYPE)
-        values *= _DTYPE(1.0 / per_layer)
-        values += _DTYPE(index)
-        model[name] = values
-    return model
+    return max(1, size // (layers * _ITEM))
+
+
+def initial_layer(index: int, length: int) -> np.ndarray:
+    """Layer `index` of the round-1 model: `length` float32 values."""
+    values = np.arange(length, dtype=_DTYPE)
+    values *= _DTYPE(1.0 / length)
+    values += _DTYPE(index)
+    return values
+
+
+def initial_model(size: int, layers: int) -> Model:
+    """The global model of round 1: `layers` float32 arrays of about `size` bytes in total."""
+    length = _layer_length(size, layers)
+    return {name: initial_layer(index, length) for index, name in enumerate(layer_names(layers))}
 
 
 def _seed(site: str, round_no: int) -> int:
@@ -50,19 +56,26 @@ def sample_count(site: str) -> int:
     return 100 + zlib.crc32(site.encode()) % 900
 
 
+def update_factors(site: str, round_no: int, names: Iterable[str]) -> dict[str, tuple[np.float32, np.float32]]:
+    """(scale, shift) per layer of the site's "training" in this round."""
+    rng = np.random.default_rng(_seed(site, round_no))
+    return {name: (_DTYPE(rng.uniform(0.9, 1.1)), _DTYPE(rng.uniform(-0.5, 0.5))) for name in sorted(names)}
+
+
 def local_update(model: Model, site: str, round_no: int) -> Model:
     """Apply the site's deterministic "training" to `model` in place and return it."""
-    rng = np.random.default_rng(_seed(site, round_no))
-    for name in sorted(model):
-        scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.5, 0.5)
+    for name, (scale, shift) in update_factors(site, round_no, model).items():
         array = model[name]
-        array *= _DTYPE(scale)
-        array += _DTYPE(shift)
+        array *= scale
+        array += shift
     return model
 
 
 class Aggregator:
-    """Weighted FedAvg, fed one site at a time in ascending site-name order."""
+    """Weighted FedAvg in float32, fed one site at a time in ascending site-name order.
+
+    Every layer is computed on its own, so a model and a single layer of it give the same bits.
+    """
 
     def __init__(self) -> None:
         self._sum: Model = {}
@@ -78,31 +91,44 @@ class Aggregator:
         self._last_site = site
         if self._sum and set(update) != set(self._sum):
             raise ValueError(f"{site}: the update's layers differ from the other sites'.")
+        weight = _DTYPE(samples)
         for name, array in update.items():
-            weighted = array.astype(np.float64) * samples
             if name in self._sum:
-                self._sum[name] += weighted
+                self._sum[name] += array * weight
             else:
-                self._sum[name] = weighted
+                self._sum[name] = array * weight
         self._weight += samples
 
     def result(self) -> Model:
         """The new global model (float32); ValueError if no site contributed."""
         if not self._weight:
             raise ValueError("no site sent an update in this round.")
-        return {name: (total / self._weight).astype(_DTYPE) for name, total in self._sum.items()}
+        total_weight = _DTYPE(self._weight)
+        result, self._sum = self._sum, {}
+        for total in result.values():
+            total /= total_weight
+        return result
 
 
-def reference_run(size: int, layers: int, participants: Iterable[Iterable[str]]) -> Model:
-    """The final model of a whole run computed in one process: one entry of sites per round."""
-    model = initial_model(size, layers)
-    for round_no, sites in enumerate(participants, start=1):
-        aggregator = Aggregator()
-        for site in sorted(sites):
-            update = local_update({k: v.copy() for k, v in model.items()}, site, round_no)
-            aggregator.add(site, update, sample_count(site))
-        model = aggregator.result()
-    return model
+def reference_run(size: int, layers: int, participants: list[list[str]]) -> Model:
+    """The final model of a whole run computed in one process, one layer at a time.
+
+    `participants` holds, per round, the sites whose updates were aggregated.
+    """
+    length = _layer_length(size, layers)
+    final = {}
+    for index, name in enumerate(layer_names(layers)):
+        layer = initial_layer(index, length)
+        for round_no, sites in enumerate(participants, start=1):
+            aggregator = Aggregator()
+            for site in sorted(sites):
+                scale, shift = update_factors(site, round_no, layer_names(layers))[name]
+                update = layer * scale
+                update += shift
+                aggregator.add(site, {name: update}, sample_count(site))
+            layer = aggregator.result()[name]
+        final[name] = layer
+    return final
 
 
 def models_equal(a: Model, b: Model) -> bool:

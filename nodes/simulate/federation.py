@@ -54,7 +54,8 @@ class FedAvgResult:
         return {
             "sites": self.sites, "secure": self.secure, "verified": self.verified, "missing": self.missing,
             "error": self.error, "exit_code": self.exit_code,
-            "rounds": [dict(vars(r), mb_per_s=round(r.rate, 1)) for r in self.rounds],
+            "rounds": [{"round": r.number, **{k: v for k, v in vars(r).items() if k != "number"},
+                        "mb_per_s": round(r.rate, 1)} for r in self.rounds],
             "peak_rss": self.rss,
         }
 
@@ -113,7 +114,7 @@ class FedAvgSimulation:
             "fedstream.nodes.simulate.server", "--broker", address, "--sites", ",".join(self.sites),
             "--rounds", str(self.config.rounds), "--model-size", str(self.config.model_size),
             "--layers", str(self.config.layers), "--down", self.config.down,
-            "--round-timeout", str(self.config.round_timeout), *self._kit(roles.SERVER)))
+            "--round-timeout", str(self.config.round_timeout), "--workdir", self.workdir, *self._kit(roles.SERVER)))
         final = self._follow(server, site_procs, result)
         code = server.wait(_EXIT_GRACE)
         for proc in self.processes:

@@ -5,8 +5,9 @@ Run as `python -m fedstream.nodes.simulate.server --broker URL --sites a,b ...`.
 1. Down: the global model goes to every live site, by pull (one transaction, one RID, each
    site downloads at its own pace) or by push (one stream to all; if a target fails, the
    push is retried with the sites still alive).
-2. Up: every site announces its update's RID; the server downloads them concurrently and
-   adds them to the FedAvg in ascending site order (so arrival order never changes a bit).
+2. Up: every site announces its update's RID; the server downloads them concurrently to
+   files and loads them one at a time into the FedAvg, in ascending site order (so arrival
+   order never changes a bit, and only one update is in memory at once).
    A site that stops answering pings, or is not done by the round deadline, is left out of
    this round and of the rest of the run (FL with stragglers).
 3. After the last round the server recomputes the whole run in one process without any
@@ -19,17 +20,21 @@ sites in every round and equal; 3 equal but some site went missing; 1 otherwise.
 import argparse
 import json
 import logging
+import os
 import queue
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Optional
 
 from fedstream.common.errors import FedstreamError, UnreachableError
 from fedstream.common.rc import DownloadStatus, ReturnCode
-from fedstream.nodes import Cell, FileDownloader, FileStreamer, FLContext, download_object
+from fedstream.nodes import Cell, FileDownloader, FileStreamer, FLContext, download_file
 from fedstream.nodes.message import Message
+from fedstream.nodes.objects.container import ObjectFormatError
+from fedstream.nodes.objects.spool import load_object
 from fedstream.nodes.simulate import fedavg, roles
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,7 @@ class Round:
         self.down_done: dict[str, float] = {}
         self.up_done: dict[str, float] = {}
         self.missing: dict[str, str] = {}
-        self.updates: "queue.Queue[tuple[str, Optional[fedavg.Model], int, str]]" = queue.Queue()
+        self.updates: "queue.Queue[tuple[str, Optional[str], int, str]]" = queue.Queue()  # site, path, samples, error
 
     def waiting_for(self) -> list[str]:
         return [s for s in self.sites if s not in self.up_done and s not in self.missing]
@@ -69,8 +74,9 @@ class Server:
     """Drives the rounds; `run()` returns the exit status."""
 
     def __init__(self, cell: Cell, sites: list[str], rounds: int, size: int, layers: int, down: str,
-                 round_timeout: float) -> None:
+                 round_timeout: float, spool_dir: str) -> None:
         self.cell = cell
+        self.spool_dir = spool_dir
         self.fl_ctx = FLContext(cell)
         self.sites = sorted(sites)
         self.rounds = rounds
@@ -85,12 +91,14 @@ class Server:
 
     def run(self) -> int:
         self.cell.register_request_cb(roles.CHANNEL, roles.TOPIC_UPDATE, self.on_update)
-        model = fedavg.initial_model(self.size, self.layers)
+        model: Optional[fedavg.Model] = fedavg.initial_model(self.size, self.layers)
         for number in range(1, self.rounds + 1):
             if not self.alive:
                 emit(roles.EV_FINAL, verified=False, error="no site is left", missing=self._missing())
                 return EXIT_FAILED
-            model = self._run_round(number, model)
+            holder = [model]
+            del model  # the round drops the old model as soon as it is sent
+            model = self._run_round(number, holder)
             if model is None:
                 emit(roles.EV_FINAL, verified=False, error=f"round {number}: no site sent an update",
                      missing=self._missing())
@@ -108,21 +116,22 @@ class Server:
         return [s for s in self.sites if s not in self.alive]
 
     # -- one round -------------------------------------------------------------------------
-    def _run_round(self, number: int, model: fedavg.Model) -> Optional[fedavg.Model]:
+    def _run_round(self, number: int, holder: list[fedavg.Model]) -> Optional[fedavg.Model]:
+        """One round; `holder` has the global model, which is released once it is sent."""
         current = Round(number, list(self.alive))
         with self._lock:
             self._round = current
         emit(roles.EV_ROUND_START, round=number, sites=current.sites)
-        size = fedavg.model_bytes(model)
+        size = fedavg.model_bytes(holder[0])
         if self.down == "push":
-            self._push_down(current, model)
+            self._push_down(current, holder[0])
         else:
-            self._pull_down(current, model)
-        del model
+            self._pull_down(current, holder[0])
+        holder.clear()
         down_end = time.monotonic()
         aggregator = fedavg.Aggregator()
         contributed: list[str] = []
-        pending: dict[str, tuple[Optional[fedavg.Model], int, str]] = {}
+        pending: dict[str, tuple[Optional[str], int, str]] = {}
         next_ping = time.monotonic() + _PING_INTERVAL
         deadline = current.started + self.round_timeout
         order = list(current.sites)
@@ -132,19 +141,27 @@ class Server:
                 order.pop(0)
                 continue
             if site in pending:
-                update, samples, error = pending.pop(site)
+                path, samples, error = pending.pop(site)
                 order.pop(0)
-                if update is None:
+                if path is None:
                     self._lose(current, site, error)
                     continue
-                aggregator.add(site, update, samples)
+                try:
+                    update = load_object(path)
+                    if not isinstance(update, dict):
+                        raise ValueError(f"expected a dict of arrays, got {type(update).__name__}")
+                    aggregator.add(site, update, samples)
+                    del update
+                except (ObjectFormatError, ValueError, TypeError) as exc:
+                    self._lose(current, site, f"sent an unusable update: {exc}")
+                    continue
+                finally:
+                    os.remove(path)
                 contributed.append(site)
-                del update
                 continue
             try:
-                arrived, update, samples, error = current.updates.get(timeout=0.2)
-                pending[arrived] = (update, samples, error)
-                del update
+                arrived, path, samples, error = current.updates.get(timeout=0.2)
+                pending[arrived] = (path, samples, error)
             except queue.Empty:
                 pass
             now = time.monotonic()
@@ -256,12 +273,13 @@ class Server:
         return {"accepted": True}
 
     def _fetch(self, current: Round, site: str, ref: str, samples: int) -> None:
-        error, update = download_object(site, ref, _DOWNLOAD_TIMEOUT, self.cell)
+        error, path = download_file(site, ref, _DOWNLOAD_TIMEOUT, self.cell, location=self.spool_dir,
+                                    keep_partial=False)
         if error is None:
             current.up_done[site] = time.monotonic()
             emit(roles.EV_SITE_UP, round=current.number, site=site,
                  seconds=round(current.up_done[site] - current.started, 3))
-        current.updates.put((site, update if error is None else None, samples, error or ""))
+        current.updates.put((site, path, samples, error or ""))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -274,14 +292,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--down", choices=["pull", "push"], default="pull")
     parser.add_argument("--round-timeout", type=float, default=120.0)
     parser.add_argument("--kit")
+    parser.add_argument("--workdir", help="where downloaded updates wait to be aggregated (default: temp dir)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_FAILED))
     cell_kwargs = {"kit": args.kit} if args.kit else {}
-    with Cell(roles.SERVER, args.broker, **cell_kwargs) as cell:
+    with Cell(roles.SERVER, args.broker, **cell_kwargs) as cell, \
+            tempfile.TemporaryDirectory(prefix="updates-", dir=args.workdir) as spool_dir:
         server = Server(cell, [s for s in args.sites.split(",") if s], args.rounds, args.model_size,
-                        args.layers, args.down, args.round_timeout)
+                        args.layers, args.down, args.round_timeout, spool_dir)
         return server.run()
 
 
