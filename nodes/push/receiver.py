@@ -12,6 +12,10 @@ thread (never the Cell's I/O thread), and a failed stream leaves no file behind.
 
 Only a stream's owner (the broker-stamped source of its "start") may verify, commit or
 abort it, or answer its repair requests; anything else is counted in `ignored` and dropped.
+Slots are fair: at most MAX_STREAMS_PER_SENDER streams from one sender at a time, and a
+stream whose sender left (the broker says it is not connected), stays silent for
+`max_idle` or makes no progress for `max_stall` ends and removes its `.part`, whatever
+chunk_timeout the sender asked for.
 """
 
 import functools
@@ -43,6 +47,7 @@ from fedstream.nodes.push.stream_context import StreamContext
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 64  # concurrent incoming streams per cell
+MAX_STREAMS_PER_SENDER = 4  # concurrent incoming streams from one sender: one peer cannot take every slot
 _COMPLETE_POLL_MS = 10
 _ENDED_MEMORY = 4096  # ended stream ids remembered (a late "start" for one is refused)
 _JOIN_WAIT = 2.0  # longest a stopping cell waits for each stream thread
@@ -150,7 +155,7 @@ class _Stream:
             self.ctx[keys.KEY_FILE_LOCATION] = None
         self.ctx[keys.KEY_RC] = rc
         self.ctx[keys.KEY_REPAIRED_CHUNKS] = self.repaired
-        self.side.forget(self.sid)
+        self.side.forget(self.sid, rc == ReturnCode.OK)
         if self.notify_owner:
             try:  # a request, not a one-way message: it must get out before a stopping cell closes
                 self.cell.request(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self.owner,
@@ -284,13 +289,12 @@ class _Stream:
             self.end(ReturnCode.COMMUNICATION_ERROR, f"the sender '{self.owner}' is gone: {exc}",
                      notify_owner=False)
             return
-        except (RequestTimeout, BrokerUnreachableError) as exc:
+        except (RequestTimeout, BrokerUnreachableError, RemoteError) as exc:
+            # An error reply may come from anyone (the Cell does not say who): it counts as no
+            # answer, and a sender that really cannot serve the stream ends it by silence.
             log.debug("stream %s: no repair from '%s': %s", self.sid, self.owner, exc)
             with self.lock:
                 self.assembly.repair_unanswered(time.monotonic())
-            return
-        except RemoteError as exc:
-            self.end(ReturnCode.ERROR, f"the sender '{self.owner}' cannot serve the stream: {exc}")
             return
         if reply.source != self.owner:
             self.side.count_ignored(reply.source, "repair reply", self.sid)
@@ -364,7 +368,8 @@ class ReceiverSide:
         self._lock = threading.Lock()
         self._streams: dict[str, Optional[_Stream]] = {}  # None: being set up
         self._owners: dict[str, str] = {}  # stream id -> owner, for every stream in _streams
-        self._ended: "OrderedDict[str, None]" = OrderedDict()
+        # ended stream ids -> the owner of a committed stream (it may ask again), else None
+        self._ended: "OrderedDict[str, Optional[str]]" = OrderedDict()
         self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_VERIFY, self._on_verify)
         self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_COMMIT, self._on_commit)
         self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self._on_abort)
@@ -372,19 +377,19 @@ class ReceiverSide:
     def register(self, reg: _Registration) -> None:
         self.cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))
 
-    def forget(self, sid: str) -> None:
+    def forget(self, sid: str, committed: bool = False) -> None:
         with self._lock:
             self._streams.pop(sid, None)
-            self._owners.pop(sid, None)
-            self._remember_ended(sid)
+            owner = self._owners.pop(sid, None)
+            self._remember_ended(sid, owner if committed else None)
 
     def count_ignored(self, source: str, what: str, sid: object) -> None:
         with self._lock:
             self.ignored += 1
         log.warning("stream %s: ignored a %s from '%s', which is not its owner", sid, what, source)
 
-    def _remember_ended(self, sid: str) -> None:
-        self._ended[sid] = None
+    def _remember_ended(self, sid: str, committed_by: Optional[str] = None) -> None:
+        self._ended[sid] = committed_by
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
 
@@ -407,6 +412,9 @@ class ReceiverSide:
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if len(self._streams) >= MAX_STREAMS:
                 return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams (limit {MAX_STREAMS})")
+            if sum(1 for owner in self._owners.values() if owner == message.source) >= MAX_STREAMS_PER_SENDER:
+                return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams from '{message.source}' "
+                                                       f"(limit {MAX_STREAMS_PER_SENDER})")
             self._streams[sid] = None
             self._owners[sid] = message.source
         try:
@@ -452,16 +460,23 @@ class ReceiverSide:
             return None
         return stream
 
+    def _committed(self, message: Message) -> Optional[Reply]:
+        """Success again for the owner of a stream committed here already (it asks again), else None."""
+        sid = message.headers.get("sid")
+        with self._lock:
+            done = isinstance(sid, str) and self._ended.get(sid) == message.source
+        return Reply(None, {"sid": sid}) if done else None
+
     def _on_verify(self, message: Message) -> Reply:
         stream = self._stream_from_owner(message)
         if stream is None:
-            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
+            return self._committed(message) or Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         return stream.verify(message.headers.get("algo"), message.headers.get("digest"))
 
     def _on_commit(self, message: Message) -> Reply:
         stream = self._stream_from_owner(message)
         if stream is None:
-            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
+            return self._committed(message) or Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         return stream.commit()
 
     def _on_abort(self, message: Message) -> Reply:

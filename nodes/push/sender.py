@@ -11,8 +11,9 @@ when a target stalled and what to repair is made by nodes/push/window.py, socket
    period: a target that joins later still gets every chunk through repair;
 4. publish each chunk once, at most `window` chunks ahead of the slowest cumulative ack;
    receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
-5. "verify" (every target compares the digest) then "commit" (every target renames its
-   .part into place). Any failure aborts the stream for every target.
+5. check that the source did not change (size, mtime, inode, as pull does), then "verify"
+   (every target compares the digest) and "commit" (every target renames its .part into
+   place). Any failure aborts the stream for every target.
 
 The stream runs on the caller's thread; `OwnerSide` (one per cell, in its PushService)
 hands the targets' events to it through a queue and answers repair requests in the Cell's
@@ -261,8 +262,8 @@ def send_file(cell: Cell, channel: str, topic: str, stream_ctx: Optional[Mapping
     except OSError as exc:
         raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: {exc.strerror}.") from None
     owner = PushService.for_cell(cell).side(OwnerSide)
-    run = _Push(cell, owner, channel, topic, dict(stream_ctx or {}), target_list, fd, name, size, timeout,
-                optional, progress)
+    run = _Push(cell, owner, channel, topic, dict(stream_ctx or {}), target_list, os.fspath(file_name), fd, name,
+                size, timeout, optional, progress)
     return run.run()
 
 
@@ -270,8 +271,8 @@ class _Push:
     """One running push on the owner: drives a PushWindow with the sockets and the clock."""
 
     def __init__(self, cell: Cell, owner: OwnerSide, channel: str, topic: str, stream_ctx: dict,
-                 targets: list[str], fd: int, name: str, chunk_size: int, chunk_timeout: float, optional: bool,
-                 progress: Optional[ProgressCallback]) -> None:
+                 targets: list[str], path: str, fd: int, name: str, chunk_size: int, chunk_timeout: float,
+                 optional: bool, progress: Optional[ProgressCallback]) -> None:
         self.cell = cell
         self.owner = owner
         self.channel = channel
@@ -279,7 +280,9 @@ class _Push:
         self.stream_ctx = stream_ctx
         self.targets = targets
         self.name = name
-        self.size = os.fstat(fd).st_size
+        self.path = path
+        self.source_stat = os.fstat(fd)
+        self.size = self.source_stat.st_size
         self.chunk_size = chunk_size
         self.chunk_timeout = chunk_timeout
         self.count = wire.chunk_count(self.size, chunk_size)
@@ -527,8 +530,20 @@ class _Push:
             log.exception("progress callback failed (ignored)")
 
     # -- the end ---------------------------------------------------------------------------
+    def _check_source(self) -> None:
+        """Fail if the file changed since the push began (size, mtime, or another file under its name)."""
+        before = self.source_stat
+        try:
+            now, named = os.fstat(self.fd), os.stat(self.path)
+        except OSError as exc:
+            raise _Failure(ReturnCode.ERROR, f"cannot check '{self.path}' after sending it: {exc.strerror}") from None
+        if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or \
+                (named.st_ino, named.st_dev) != (before.st_ino, before.st_dev):
+            raise _Failure(ReturnCode.ERROR, f"'{self.path}' changed while it was being pushed")
+
     def _finish(self) -> None:
         """Two-phase end: every target checks the digest, then every target commits its file."""
+        self._check_source()
         digest = self.hasher.hexdigest()
         if self.progress is not None and self.reported < self.count:
             self._report(self.size)
