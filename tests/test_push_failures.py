@@ -281,16 +281,19 @@ def test_receiver_cell_stopping_fails_the_push_at_once(tmp_path):
 
 def test_malformed_start_requests_are_refused_without_leaving_files(tmp_path):
     from fedstream.nodes.push import wire
+    from fedstream.nodes.push.seal import StreamKey
 
     dest = tmp_path / "dest"
     dest.mkdir()
     good = {"v": wire.WIRE_VERSION, "sid": wire.new_stream_id(), "name": "x.bin", "size": 10, "chunk_size": 4,
-            "count": 3, "window": 2, "chunk_timeout": 1.0, "algo": "xxh3_128", "ctx": {}}
+            "count": 3, "window": 2, "chunk_timeout": 1.0, "algo": "xxh3_128", "ctx": {},
+            "seal": StreamKey.new().to_wire()}
     bad = [
         "not an object", {**good, "v": 99}, {**good, "sid": "short"}, {**good, "sid": "../../../../etc/pass"},
         {**good, "size": -1}, {**good, "count": 2}, {**good, "chunk_size": 0}, {**good, "window": 10_000},
         {**good, "chunk_timeout": 0}, {**good, "ctx": []}, {**good, "name": None}, {**good, "algo": "md5"},
         {**good, "size": 1 << 62, "chunk_size": 1 << 20, "count": 1 << 42},  # more than the disk holds
+        {**good, "seal": None}, {**good, "seal": {**good["seal"], "key": "AAAA"}},  # no usable stream key
     ]
     with Broker(bind="tcp://127.0.0.1:0") as broker, Cell("site-1", broker.address) as site, \
             Cell("peer", broker.address) as peer:

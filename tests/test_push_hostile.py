@@ -14,6 +14,7 @@ from fedstream.nodes.message import reply_error
 from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.receiver import MAX_STREAMS_PER_SENDER, ReceiverSide
+from fedstream.nodes.push.seal import StreamKey
 from fedstream.nodes.push.sender import OwnerSide, PushResult, send_file
 from fedstream.nodes.push.service import PushService
 from tests.procs import wait_until
@@ -62,7 +63,7 @@ def start_info(sid: str, chunk_timeout: float = 3600.0) -> dict:
     """A well-formed start request for a 1 MiB file."""
     return {"v": wire.WIRE_VERSION, "sid": sid, "name": "junk.bin", "size": MIB, "chunk_size": 64 * KIB,
             "count": 16, "window": wire.window_for(64 * KIB), "chunk_timeout": chunk_timeout,
-            "algo": digests.ALGORITHM, "ctx": {}}
+            "algo": digests.ALGORITHM, "ctx": {}, "seal": StreamKey.new().to_wire()}
 
 
 def test_a_third_node_cannot_steer_a_push(tmp_path):

@@ -2,7 +2,9 @@
 
 A "start" request on a registered (channel, topic) creates a hidden `.part` file in the
 destination directory and a thread that owns its own SUB socket, subscribed to the stream
-id. The thread drives an Assembly (nodes/push/assembly.py), which makes every decision: it
+id, with the stream's key from the "start" request. The thread opens each sealed chunk
+(nodes/push/seal.py; one that fails authentication is dropped, counted, and repaired
+later) and drives an Assembly (nodes/push/assembly.py), which makes every decision: it
 writes each admitted chunk at its offset, hashes the contiguous prefix in order, acks
 cumulatively over the Cell, asks the owner for chunks it missed (gaps, late subscription,
 or silence while incomplete), and ends the stream when the owner stays silent or nothing
@@ -41,6 +43,7 @@ from fedstream.nodes.message import Message, Reply, reply_error
 from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.assembly import MAX_IDLE, MAX_STALL, Assembly
+from fedstream.nodes.push.seal import Sealer, StreamKey, sealed_length
 from fedstream.nodes.push.service import PushService
 from fedstream.nodes.push.stream_context import StreamContext
 
@@ -99,8 +102,8 @@ def _call_user_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: Stream
 class _Stream:
     """One incoming stream: its .part file, its Assembly, and the thread that receives it."""
 
-    def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, owner: str, part_path: str,
-                 fd: int) -> None:
+    def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, key: StreamKey, owner: str,
+                 part_path: str, fd: int) -> None:
         self.side = side
         self.cell = side.cell
         self.tuning = side.tuning
@@ -114,12 +117,14 @@ class _Stream:
         self.window: int = info["window"]
         self.chunk_timeout = float(info["chunk_timeout"])
         self.name = sanitize_name(info["name"])
+        self.sealer = Sealer(key)
         self.part_path = part_path
         self.fd = fd
         ctx = self.ctx = StreamContext(info["ctx"])
         ctx.update({keys.KEY_FILE_NAME: self.name, keys.KEY_FILE_SIZE: self.size, keys.KEY_FILE_LOCATION: None,
                     keys.KEY_RC: None, keys.KEY_STREAM_ID: self.sid, keys.KEY_SENDER: owner,
-                    keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0})
+                    keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0,
+                    keys.KEY_REJECTED_CHUNKS: 0})
         self.lock = threading.Lock()  # the Assembly, the hasher and the outcome
         self.assembly = Assembly(self.count, self.window, self.chunk_timeout, time.monotonic(),
                                  self.tuning.max_idle, self.tuning.max_stall)
@@ -131,6 +136,7 @@ class _Stream:
         self.verified = False
         self.ready_sent = False
         self.repaired = 0
+        self.rejected = 0  # fan-out chunks that failed authentication
         self.cb_failed = False
         self.thread = threading.Thread(target=self._run, name=f"fedstream-push-{self.sid}", daemon=True)
 
@@ -155,6 +161,7 @@ class _Stream:
             self.ctx[keys.KEY_FILE_LOCATION] = None
         self.ctx[keys.KEY_RC] = rc
         self.ctx[keys.KEY_REPAIRED_CHUNKS] = self.repaired
+        self.ctx[keys.KEY_REJECTED_CHUNKS] = self.rejected
         self.side.forget(self.sid, rc == ReturnCode.OK)
         if self.notify_owner:
             try:  # a request, not a one-way message: it must get out before a stopping cell closes
@@ -236,12 +243,20 @@ class _Stream:
                 self._event(wire.EV_READY)
             return
         if offset != seq * self.chunk_size or not 0 <= seq < self.count or \
-                len(frames[2]) != wire.chunk_length(seq, self.size, self.chunk_size):
+                len(frames[2]) != sealed_length(wire.chunk_length(seq, self.size, self.chunk_size)):
             log.debug("stream %s: ignored a malformed chunk frame (seq %d)", self.sid, seq)
             return
         with self.lock:
+            if not self.assembly.admit(seq):
+                return
+        data = self.sealer.open(seq, frames[1].buffer, frames[2].buffer)
+        if data is None:  # altered or forged: dropped, and repaired later
+            self.rejected += 1
+            log.warning("stream %s: dropped chunk %d, which failed authentication", self.sid, seq)
+            return
+        with self.lock:
             self.assembly.heard(time.monotonic())
-        self._store(seq, frames[2].buffer, repaired=False)
+        self._store(seq, memoryview(data), repaired=False)
 
     def _store(self, seq: int, data: memoryview, repaired: bool) -> None:
         """Write one chunk at its offset if the Assembly wants it; hash what joined the prefix."""
@@ -396,6 +411,7 @@ class ReceiverSide:
     def _on_start(self, reg: _Registration, message: Message) -> Reply:
         try:
             info = wire.check_start(message.payload)
+            key = StreamKey.from_wire(info.get("seal"))
         except ValueError as exc:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
         if info["algo"] != digests.ALGORITHM:
@@ -418,7 +434,7 @@ class ReceiverSide:
             self._streams[sid] = None
             self._owners[sid] = message.source
         try:
-            stream = self._open(reg, info, message.source)
+            stream = self._open(reg, info, key, message.source)
         except (OSError, ValueError) as exc:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
@@ -431,7 +447,7 @@ class ReceiverSide:
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'", sid, stream.name, stream.size, message.source)
         return Reply(None, {"sid": sid})
 
-    def _open(self, reg: _Registration, info: dict, owner: str) -> _Stream:
+    def _open(self, reg: _Registration, info: dict, key: StreamKey, owner: str) -> _Stream:
         cell_name = self.cell.fqcn
         if not os.path.isdir(reg.dest_dir):
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
@@ -446,7 +462,7 @@ class ReceiverSide:
                 break
             except FileExistsError:
                 continue
-        return _Stream(self, reg, info, owner, path, fd)
+        return _Stream(self, reg, info, key, owner, path, fd)
 
     def _stream_from_owner(self, message: Message) -> Optional[_Stream]:
         """The running stream the message names, if its sender is the stream's owner."""

@@ -5,12 +5,13 @@ when a target stalled and what to repair is made by nodes/push/window.py, socket
 
 1. validate the arguments, open the file, connect an XPUB (XPUB_NODROP) to the broker's XSUB
    and wait for the broker's subscription, which proves the pipe is live;
-2. send "start" to every target at once on the application's channel/topic; any refusal,
-   unreachable target or missing reply fails the whole stream before data flows;
+2. send "start" to every target at once on the application's channel/topic, with the
+   stream's fresh key (nodes/push/seal.py); any refusal, unreachable target or missing
+   reply fails the whole stream before data flows;
 3. publish probes until every target saw one on its SUB ("ready"), for a short grace
    period: a target that joins later still gets every chunk through repair;
-4. publish each chunk once, at most `window` chunks ahead of the slowest cumulative ack;
-   receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
+4. publish each chunk once, sealed, at most `window` chunks ahead of the slowest cumulative
+   ack; receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
 5. check that the source did not change (size, mtime, inode, as pull does), then "verify"
    (every target compares the digest) and "commit" (every target renames its .part into
    place). Any failure aborts the stream for every target.
@@ -41,6 +42,7 @@ from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.message import Message, Reply, reply_error
 from fedstream.nodes.push import wire
+from fedstream.nodes.push.seal import Sealer, StreamKey
 from fedstream.nodes.push.service import PushService
 from fedstream.nodes.push.window import Ack, Cancelled, Event, Fail, PushWindow, Ready, choose_repair
 
@@ -290,6 +292,8 @@ class _Push:
         self.progress = progress
         self.sid = wire.new_stream_id()
         self.topic_frame = self.sid.encode()
+        self.stream_key = StreamKey.new()
+        self.sealer = Sealer(self.stream_key)
         self.session = _Session(self.sid, targets, fd, self.size, chunk_size)
         self.window = PushWindow(targets, self.count, wire.window_for(chunk_size), chunk_timeout, time.monotonic())
         self.fd = fd
@@ -370,7 +374,8 @@ class _Push:
     def _start_targets(self) -> None:
         info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "count": self.count, "window": self.window.window,
-                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx}
+                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx,
+                "seal": self.stream_key.to_wire()}
 
         def send(target: str) -> PendingRequest:
             pending = self.cell.request_async(self.channel, self.topic, target, payload=info)
@@ -484,7 +489,8 @@ class _Push:
         if len(data) != length:
             raise _Failure(ReturnCode.ERROR, f"'{self.name}' became shorter while it was being streamed")
         self.hasher.update(data)
-        self._send([self.topic_frame, wire.encode_header(wire.KIND_CHUNK, seq, offset), data])
+        header = wire.encode_header(wire.KIND_CHUNK, seq, offset)
+        self._send([self.topic_frame, header, self.sealer.seal(seq, header, data)])
         self.bytes_published += length
         self.window.published(seq, time.monotonic())
         self.session.published = seq + 1

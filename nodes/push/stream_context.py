@@ -18,6 +18,7 @@ KEY_SENDER = "__fedstream_sender__"
 KEY_CHANNEL = "__fedstream_channel__"
 KEY_TOPIC = "__fedstream_topic__"
 KEY_REPAIRED_CHUNKS = "__fedstream_repaired_chunks__"
+KEY_REJECTED_CHUNKS = "__fedstream_rejected_chunks__"  # fan-out chunks that failed authentication
 
 
 def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:

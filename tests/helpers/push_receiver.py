@@ -47,7 +47,8 @@ def main() -> None:
         assert fl_ctx.get_identity_name() == site
         report = {"site": site, "rc": str(FileStreamer.get_rc(ctx)), "path": FileStreamer.get_file_location(ctx),
                   "name": FileStreamer.get_file_name(ctx), "size": FileStreamer.get_file_size(ctx),
-                  "repaired": ctx[keys.KEY_REPAIRED_CHUNKS], "chunks": counts.get(ctx[keys.KEY_STREAM_ID], 0),
+                  "repaired": ctx[keys.KEY_REPAIRED_CHUNKS], "rejected": ctx[keys.KEY_REJECTED_CHUNKS],
+                  "chunks": counts.get(ctx[keys.KEY_STREAM_ID], 0),
                   "ctx": {k: v for k, v in ctx.items() if not k.startswith("__fedstream")}}
         say("DONE " + json.dumps(report))
 
