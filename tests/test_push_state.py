@@ -203,3 +203,19 @@ def test_other_targets_moving_counts_as_progress_for_a_complete_receiver():
     assert a.expired(T0 + 23.0) is None  # progress at T0 + 14
     a.progressed(T0 + 23.5)  # verify
     assert a.expired(T0 + 30.0) is None
+
+
+# -- the rule that makes this file possible ----------------------------------------------------
+@pytest.mark.parametrize("name", ["window.py", "assembly.py"])
+def test_protocol_state_imports_no_io(name):
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "nodes" / "push" / name
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert not imported & {"zmq", "threading", "time", "os", "socket", "select", "shutil", "concurrent", "asyncio"}
