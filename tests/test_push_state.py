@@ -195,6 +195,17 @@ def test_no_progress_ends_the_stream_even_if_the_owner_answers():
     assert "no progress for 10 s" in a.expired(T0 + 10.01)
 
 
+def test_answers_without_news_or_with_impossible_news_are_not_progress():
+    a = Assembly(count=4, window=4, chunk_timeout=3600.0, now=T0, max_stall=10.0)
+    for t, others in ((2, None), (4, 5), (6, 10 ** 9), (8, None)):
+        a.repair_answered(T0 + t, others)
+    assert a.expired(T0 + 10.01) is not None
+    b = Assembly(count=4, window=4, chunk_timeout=3600.0, now=T0, max_stall=10.0)
+    for t, others in ((5, 1), (10, 2), (14, 2)):
+        b.repair_answered(T0 + t, others)
+    assert b.expired(T0 + 19.9) is None and b.expired(T0 + 20.01) is not None
+
+
 def test_other_targets_moving_counts_as_progress_for_a_complete_receiver():
     a = Assembly(count=1, window=2, chunk_timeout=5.0, now=T0, max_stall=10.0)
     a.stored(0, T0)

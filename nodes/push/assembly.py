@@ -12,8 +12,9 @@ The receiving thread asks an Assembly before and after each chunk it writes:
 5. `expired(now)`: a reason to end the stream when the owner stayed silent for the idle
    timeout, or nothing moved for `max_stall` seconds, whatever chunk_timeout the owner asked.
 
-The thread reports what it hears with `heard(now)` (anything from the owner) and
-`progressed(now)` (the owner's verify/commit, or a repair reply saying other targets moved).
+The thread reports what it hears with `heard(now)` (an authentic chunk), `progressed(now)`
+(the owner's verify/commit) and `repair_answered(now, others)` (a repair reply; progress
+only if it says the other targets moved on, at most `count` times).
 This module imports no zmq, threading, clock or OS I/O; tests/test_push_state.py drives it.
 """
 
@@ -106,13 +107,17 @@ class Assembly:
         """Something came from the owner."""
         self._last_heard = now
 
-    def progressed(self, now: float, others: Optional[int] = None) -> None:
-        """The stream moved: the owner verifies or commits, or says all targets now hold `others` chunks."""
+    def progressed(self, now: float) -> None:
+        """The stream moved on the owner's side (it verifies or commits)."""
+        self._last_heard = self._last_progress = now
+
+    def repair_answered(self, now: float, others: Optional[int]) -> None:
+        """The owner answered a repair request, saying all targets hold `others` chunks (if it said)."""
         self._last_heard = now
-        if others is None or others > self._others:
+        self._next_repair = now
+        if others is not None and self._others < others <= self.count:  # other targets moved on
+            self._others = others
             self._last_progress = now
-            if others is not None:
-                self._others = others
 
     def repair_due(self, now: float) -> bool:
         """Time to ask: there are holes, or the owner has been quiet for a nudge interval."""
@@ -124,10 +129,6 @@ class Assembly:
         holes = self.holes()
         start = None if holes else max(self.prefix, self.highest + 1)
         return RepairAsk(self.prefix, holes, start)
-
-    def repair_answered(self, now: float, others: Optional[int]) -> None:
-        self.progressed(now, others)
-        self._next_repair = now
 
     def repair_unanswered(self, now: float) -> None:
         self._next_repair = now + self.nudge_interval

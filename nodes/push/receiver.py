@@ -252,7 +252,8 @@ class _Stream:
         data = self.sealer.open(seq, frames[1].buffer, frames[2].buffer)
         if data is None:  # altered or forged: dropped, and repaired later
             self.rejected += 1
-            log.warning("stream %s: dropped chunk %d, which failed authentication", self.sid, seq)
+            log.log(logging.WARNING if self.rejected == 1 else logging.DEBUG,
+                    "stream %s: dropped chunk %d, which failed authentication", self.sid, seq)
             return
         with self.lock:
             self.assembly.heard(time.monotonic())
@@ -380,6 +381,7 @@ class ReceiverSide:
         self.cell: Cell = service.cell
         self.tuning = ReceiverTuning()
         self.ignored = 0  # messages about a stream from a node that is not its owner
+        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
         self._lock = threading.Lock()
         self._streams: dict[str, Optional[_Stream]] = {}  # None: being set up
         self._owners: dict[str, str] = {}  # stream id -> owner, for every stream in _streams
@@ -399,9 +401,13 @@ class ReceiverSide:
             self._remember_ended(sid, owner if committed else None)
 
     def count_ignored(self, source: str, what: str, sid: object) -> None:
+        """Count (and log, once per source) a message from a node that is not the stream's owner."""
         with self._lock:
             self.ignored += 1
-        log.warning("stream %s: ignored a %s from '%s', which is not its owner", sid, what, source)
+            first = source not in self._warned
+            self._warned.add(source)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "stream %s: ignored a %s from '%s', which is not its owner", sid, what, source)
 
     def _remember_ended(self, sid: str, committed_by: Optional[str] = None) -> None:
         self._ended[sid] = committed_by

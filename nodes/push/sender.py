@@ -136,7 +136,8 @@ class OwnerSide:
         self.cell = service.cell
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self.ignored = 0
+        self.ignored = 0  # messages about a stream from a node that is not its target
+        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
         self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
         self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
 
@@ -152,12 +153,19 @@ class OwnerSide:
         sid = message.headers.get("sid")
         with self._lock:
             session = self._sessions.get(sid) if isinstance(sid, str) else None
-            if session is not None and message.source not in session.targets:
-                self.ignored += 1
-                log.warning("stream %s: ignored a '%s' message from '%s', which is not a target", sid,
-                            message.topic, message.source)
-                return None
+        if session is not None and message.source not in session.targets:
+            self.count_ignored(message.source, f"'{message.topic}' message", session.sid)
+            return None
         return session
+
+    def count_ignored(self, source: str, what: str, sid: str) -> None:
+        """Count (and log, once per source) a message from a node that is not a target of the stream."""
+        with self._lock:
+            self.ignored += 1
+            first = source not in self._warned
+            self._warned.add(source)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "stream %s: ignored a %s from '%s', which is not its target", sid, what, source)
 
     def _on_event(self, message: Message) -> Optional[Reply]:
         """Inline on the Cell's I/O thread: hand the event to the stream's thread."""
@@ -436,9 +444,7 @@ class _Push:
         except CellError as exc:
             raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot reach '{target}': {exc}") from None
         if reply.source != target:
-            self.owner.ignored += 1
-            log.warning("stream %s: ignored a '%s' reply from '%s' in the name of '%s'", self.sid, step,
-                        reply.source, target)
+            self.owner.count_ignored(reply.source, f"'{step}' reply in the name of '{target}'", self.sid)
             return False
         error = reply_error(reply.headers)
         if error is not None:
