@@ -378,7 +378,7 @@ class ReceiverSide:
     """The receiver side of push on one cell: registrations and running incoming streams."""
 
     def __init__(self, service: PushService) -> None:
-        self.cell: Cell = service.cell
+        self._service = service
         self.tuning = ReceiverTuning()
         self.ignored = 0  # messages about a stream from a node that is not its owner
         self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
@@ -387,9 +387,14 @@ class ReceiverSide:
         self._owners: dict[str, str] = {}  # stream id -> owner, for every stream in _streams
         # ended stream ids -> the owner of a committed stream (it may ask again), else None
         self._ended: "OrderedDict[str, Optional[str]]" = OrderedDict()
-        self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_VERIFY, self._on_verify)
-        self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_COMMIT, self._on_commit)
-        self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self._on_abort)
+        cell = service.cell
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_VERIFY, self._on_verify)
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_COMMIT, self._on_commit)
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self._on_abort)
+
+    @property
+    def cell(self) -> Cell:
+        return self._service.cell
 
     def register(self, reg: _Registration) -> None:
         self.cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))

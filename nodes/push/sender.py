@@ -133,13 +133,13 @@ class OwnerSide:
     """
 
     def __init__(self, service: PushService) -> None:
-        self.cell = service.cell
+        cell = service.cell
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
         self.ignored = 0  # messages about a stream from a node that is not its target
         self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
-        self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
-        self.cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
 
     def add(self, session: _Session) -> None:
         with self._lock:

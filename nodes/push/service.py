@@ -14,6 +14,7 @@ import threading
 import weakref
 from typing import Protocol, TypeVar
 
+from fedstream.common.errors import CellError
 from fedstream.nodes.cell import Cell
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,19 @@ class PushService:
     """Push on one cell: its owner side and receiver side, stopped with the cell."""
 
     def __init__(self, cell: Cell) -> None:
-        self.cell = cell
+        self._cell_ref = weakref.ref(cell)  # weak: the map of services must not keep cells alive
+        self.fqcn = cell.fqcn
         self._lock = threading.Lock()
         self._sides: dict[type, Side] = {}
         cell.add_stop_hook(self.stop)
+
+    @property
+    def cell(self) -> Cell:
+        """The cell of this service."""
+        cell = self._cell_ref()
+        if cell is None:
+            raise CellError(f"the cell '{self.fqcn}' of this push service is gone")
+        return cell
 
     @classmethod
     def for_cell(cls, cell: Cell) -> "PushService":
@@ -68,4 +78,4 @@ class PushService:
             try:
                 side.stop()
             except Exception:
-                log.exception("stopping push on cell '%s' failed", self.cell.fqcn)
+                log.exception("stopping push on cell '%s' failed", self.fqcn)
