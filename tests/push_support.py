@@ -3,6 +3,7 @@
 
 import json
 import os
+import sys
 from typing import Optional
 
 from fedstream.nodes.simulate.files import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
@@ -11,57 +12,16 @@ from tests.procs import Proc, Procs
 CHANNEL = "test"
 TOPIC = "file"
 
-# A receiver site in its own process. argv: name, broker, dest dir, options (JSON):
-#   topics: [[channel, topic], ...] to register (default [[CHANNEL, TOPIC]])
-#   chunk_delay: seconds chunk_consumed_cb sleeps (a slow target)
-#   print_chunks: print "CHUNK <stream tag> <count> <monotonic time>" after each chunk
-#   subscribe_delay: ReceiverTuning.subscribe_delay (a late subscriber)
-# Prints READY once registered, then "DONE <json>" from stream_done_cb.
-RECEIVER = """
-import json, sys, threading, time
-from fedstream.nodes import Cell, FLContext, FileStreamer
-from fedstream.nodes.push import stream_context as keys
-from fedstream.nodes.push.receiver import ReceiverTuning, set_receiver_tuning
 
-name, broker, dest, opts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-cell = Cell(name, broker).start()
-if opts.get("subscribe_delay"):
-    set_receiver_tuning(cell, ReceiverTuning(subscribe_delay=opts["subscribe_delay"]))
-counts = {}
-lock = threading.Lock()  # streams run in threads of their own: one line at a time
-
-def say(line):
-    with lock:
-        print(line, flush=True)
-
-def consumed(ctx, fl_ctx, site):
-    sid = ctx[keys.KEY_STREAM_ID]
-    counts[sid] = counts.get(sid, 0) + 1
-    if opts.get("print_chunks"):
-        say(f"CHUNK {ctx.get('tag')} {counts[sid]} {time.monotonic():.6f}")
-    if opts.get("chunk_delay"):
-        time.sleep(opts["chunk_delay"])
-
-def done(ctx, fl_ctx, site):
-    assert fl_ctx.get_identity_name() == site
-    report = {"site": site, "rc": str(FileStreamer.get_rc(ctx)), "path": FileStreamer.get_file_location(ctx),
-              "name": FileStreamer.get_file_name(ctx), "size": FileStreamer.get_file_size(ctx),
-              "repaired": ctx[keys.KEY_REPAIRED_CHUNKS], "chunks": counts.get(ctx[keys.KEY_STREAM_ID], 0),
-              "ctx": {k: v for k, v in ctx.items() if not k.startswith("__fedstream")}}
-    say("DONE " + json.dumps(report))
-
-for channel, topic in opts.get("topics", [["test", "file"]]):
-    FileStreamer.register_stream_processing(FLContext(cell), channel, topic, dest_dir=dest,
-                                            stream_done_cb=done, chunk_consumed_cb=consumed, site=name)
-print("READY", flush=True)
-threading.Event().wait()
-"""
+def run_helper(procs: Procs, module: str, *args: str) -> Proc:
+    """Run `python -m tests.helpers.<module> args...` with its working directory in the test's tmp dir."""
+    return procs.start([sys.executable, "-m", f"tests.helpers.{module}", *args], cwd=str(procs.tmp_path))
 
 
 def start_receiver(procs: Procs, name: str, broker: str, dest: str, **options: object) -> Proc:
     """Start a receiver process and wait until it is registered."""
     os.makedirs(dest, exist_ok=True)
-    proc = procs.python(RECEIVER, name, broker, dest, json.dumps(options))
+    proc = run_helper(procs, "push_receiver", name, broker, dest, json.dumps(options))
     proc.expect("READY", 30)
     return proc
 
@@ -69,10 +29,6 @@ def start_receiver(procs: Procs, name: str, broker: str, dest: str, **options: o
 def next_done(proc: Proc, timeout: float = 30.0) -> dict:
     """The next stream_done_cb report of a receiver process."""
     return json.loads(proc.expect("DONE ", timeout)[5:])
-
-
-
-
 
 
 def listing(directory: str) -> list[str]:

@@ -18,6 +18,8 @@ PACKAGES = {"broker": "fedstream.broker", "nodes": "fedstream.nodes", "common": 
 # Modules that hold protocol decisions only (the h11 style): no sockets, threads, clocks or files.
 SOCKET_FREE = [
     "fedstream.broker.registry",
+    "fedstream.nodes.push.window",
+    "fedstream.nodes.push.assembly",
 ]
 FORBIDDEN_IN_SOCKET_FREE = {"zmq", "threading", "time", "os", "socket", "select", "subprocess", "asyncio",
                             "concurrent", "shutil"}

@@ -10,7 +10,7 @@ from fedstream.common.rc import ReturnCode
 from fedstream.nodes import Cell, FileStreamer, FLContext
 from fedstream.nodes.push.sender import send_file
 from tests.procs import Proc, Procs
-from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, start_receiver
+from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, run_helper, start_receiver
 
 CS = 64 * 1024
 SITES = ["site-1", "site-2", "site-3"]
@@ -107,13 +107,7 @@ def test_unregistered_and_unconnected_targets_fail_at_once_naming_them(fed, tmp_
     make_file(src, 3 * CS)
     procs = Procs(tmp_path)
     try:
-        bare = procs.python("""
-            import sys, threading
-            from fedstream.nodes import Cell
-            Cell("bare-site", sys.argv[1]).start()
-            print("READY", flush=True)
-            threading.Event().wait()
-        """, fed.address)
+        bare = run_helper(procs, "push_bare_site", "bare-site", fed.address)
         bare.expect("READY", 30)
         result = send_file(fed.cell, CHANNEL, TOPIC, {}, ["site-1", "bare-site"], src, chunk_size=CS)
         assert (result.rc, result.ok) == (ReturnCode.ERROR, False)

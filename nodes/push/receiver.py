@@ -1,12 +1,23 @@
 """Receiver side of a push: one thread per stream writes chunks from the fan-out into a .part file.
 
 A "start" request on a registered (channel, topic) creates a hidden `.part` file in the
-destination directory and a thread that owns its own SUB socket, subscribed to the stream id.
-The thread writes each chunk at its offset, hashes the contiguous prefix in order, acks
+destination directory and a thread that owns its own SUB socket, subscribed to the stream
+id, with the stream's key from the "start" request. The thread opens each sealed chunk
+(nodes/push/seal.py; one that fails authentication is dropped, counted, and repaired
+later) and drives an Assembly (nodes/push/assembly.py), which makes every decision: it
+writes each admitted chunk at its offset, hashes the contiguous prefix in order, acks
 cumulatively over the Cell, asks the owner for chunks it missed (gaps, late subscription,
-or silence while incomplete) and ends the stream with TIMEOUT when the owner stays silent.
-The owner's "verify" compares the digest; "commit" renames the file into place. Every stream
-ends exactly once, with stream_done_cb, and a failed stream leaves no file behind.
+or silence while incomplete), and ends the stream when the owner stays silent or nothing
+moves for a bounded time. The owner's "verify" compares the digest; "commit" renames the
+file into place. Every stream ends exactly once, with stream_done_cb on the stream's own
+thread (never the Cell's I/O thread), and a failed stream leaves no file behind.
+
+Only a stream's owner (the broker-stamped source of its "start") may verify, commit or
+abort it, or answer its repair requests; anything else is counted in `ignored` and dropped.
+Slots are fair: at most MAX_STREAMS_PER_SENDER streams from one sender at a time, and a
+stream whose sender left (the broker says it is not connected), stays silent for
+`max_idle` or makes no progress for `max_stall` ends and removes its `.part`, whatever
+chunk_timeout the sender asked for.
 """
 
 import functools
@@ -16,7 +27,6 @@ import secrets
 import shutil
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -27,21 +37,24 @@ from fedstream.common import digest as digests
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes.push import objects as push_objects
-from fedstream.nodes.push import wire
-from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.context import FLContext
-from fedstream.nodes.message import Message, Reply
-from fedstream.nodes.per_cell import PerCell
+from fedstream.nodes.message import Message, Reply, reply_error
+from fedstream.nodes.push import objects as push_objects
+from fedstream.nodes.push import stream_context as keys
+from fedstream.nodes.push import wire
+from fedstream.nodes.push.assembly import MAX_IDLE, MAX_STALL, Assembly
+from fedstream.nodes.push.seal import Sealer, StreamKey, sealed_length
+from fedstream.nodes.push.service import PushService
 from fedstream.nodes.push.stream_context import StreamContext
 
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 64  # concurrent incoming streams per cell
-_MAX_HOLES = 1024  # missing chunks named in one repair request
+MAX_STREAMS_PER_SENDER = 4  # concurrent incoming streams from one sender: one peer cannot take every slot
 _COMPLETE_POLL_MS = 10
 _ENDED_MEMORY = 4096  # ended stream ids remembered (a late "start" for one is refused)
+_JOIN_WAIT = 2.0  # longest a stopping cell waits for each stream thread
 
 StreamCallback = Callable[..., Any]
 
@@ -56,10 +69,15 @@ class ReceiverTuning:
     subscribe_delay: seconds a new stream waits before subscribing to the fan-out. It makes
         this receiver a deliberately slow joiner: the chunks published before it subscribes
         reach it only through repair (used to exercise that path).
+    max_idle: longest silence from a stream's owner before the stream ends, whatever
+        chunk_timeout the owner asked for.
+    max_stall: longest time a stream may make no progress before it ends and frees its slot.
     """
 
     sub_rcvhwm: Optional[int] = None
     subscribe_delay: float = 0.0
+    max_idle: float = MAX_IDLE
+    max_stall: float = MAX_STALL
 
 
 @dataclass
@@ -84,12 +102,13 @@ def _call_user_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: Stream
 
 
 class _Stream:
-    """One incoming stream: its .part file, progress, and the thread that receives it."""
+    """One incoming stream: its .part file, its Assembly, and the thread that receives it."""
 
-    def __init__(self, hub: "_ReceiverHub", cell: Cell, reg: _Registration, info: dict, owner: str,
+    def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, key: StreamKey, owner: str,
                  part_path: str, fd: int) -> None:
-        self.hub = hub
-        self.cell = cell
+        self.side = side
+        self.cell = side.cell
+        self.tuning = side.tuning
         self.reg = reg
         self.owner = owner
         self.sid: str = info["sid"]
@@ -99,31 +118,27 @@ class _Stream:
         self.count: int = info["count"]
         self.window: int = info["window"]
         self.chunk_timeout = float(info["chunk_timeout"])
-        self.nudge_interval = min(1.0, max(0.1, self.chunk_timeout / 4))
-        self.idle_timeout = max(1.0, 2 * self.chunk_timeout)
         self.name = sanitize_name(info["name"])
+        self.sealer = Sealer(key)
         self.part_path = part_path
         self.fd = fd
         ctx = self.ctx = StreamContext(info["ctx"])
         ctx.update({keys.KEY_FILE_NAME: self.name, keys.KEY_FILE_SIZE: self.size, keys.KEY_FILE_LOCATION: None,
                     keys.KEY_RC: None, keys.KEY_STREAM_ID: self.sid, keys.KEY_SENDER: owner,
                     keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0,
-                    keys.KEY_ALLOW_PICKLE: reg.allow_pickle})
-        self.lock = threading.Lock()
+                    keys.KEY_REJECTED_CHUNKS: 0, keys.KEY_ALLOW_PICKLE: reg.allow_pickle})
+        self.lock = threading.Lock()  # the Assembly, the hasher and the outcome
+        self.assembly = Assembly(self.count, self.window, self.chunk_timeout, time.monotonic(),
+                                 self.tuning.max_idle, self.tuning.max_stall)
+        self.hasher = digests.new_hasher()
         self.ended = threading.Event()
         self.rc: Optional[ReturnCode] = None
         self.reason = ""
         self.notify_owner = False
         self.verified = False
-        self.prefix = 0  # chunks [0, prefix) are written and hashed
-        self.have: set[int] = set()  # chunks beyond the prefix already written
-        self.highest = -1
-        self.hasher = digests.new_hasher()
-        self.acked = 0
         self.ready_sent = False
         self.repaired = 0
-        self.last_heard = time.monotonic()
-        self.next_repair = 0.0
+        self.rejected = 0  # fan-out chunks that failed authentication
         self.cb_failed = False
         self.thread = threading.Thread(target=self._run, name=f"fedstream-push-{self.sid}", daemon=True)
 
@@ -148,7 +163,8 @@ class _Stream:
             self.ctx[keys.KEY_FILE_LOCATION] = None
         self.ctx[keys.KEY_RC] = rc
         self.ctx[keys.KEY_REPAIRED_CHUNKS] = self.repaired
-        self.hub.forget(self.sid)
+        self.ctx[keys.KEY_REJECTED_CHUNKS] = self.rejected
+        self.side.forget(self.sid, rc == ReturnCode.OK)
         if self.notify_owner:
             try:  # a request, not a one-way message: it must get out before a stopping cell closes
                 self.cell.request(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self.owner,
@@ -178,32 +194,31 @@ class _Stream:
 
     def _receive(self) -> None:
         _, address = self.cell.fanout_endpoints
-        tuning = self.hub.tuning
         sub = self.cell.context.socket(zmq.SUB)
         try:
-            sub.setsockopt(zmq.RCVHWM, tuning.sub_rcvhwm or 2 * self.window + 16)
+            sub.setsockopt(zmq.RCVHWM, self.tuning.sub_rcvhwm or 2 * self.window + 16)
             sub.setsockopt(zmq.MAXMSGSIZE, self.chunk_size + 1024)
             sub.linger = 0
-            if tuning.subscribe_delay > 0 and self.ended.wait(tuning.subscribe_delay):
+            if self.tuning.subscribe_delay > 0 and self.ended.wait(self.tuning.subscribe_delay):
                 return
             sub.connect(address)
             sub.setsockopt(zmq.SUBSCRIBE, self.sid_frame)
-            self.last_heard = time.monotonic()
-            poll_ms = int(min(0.1, self.nudge_interval) * 1000)
+            poll_ms = int(min(0.1, self.assembly.nudge_interval) * 1000)
             while not self.ended.is_set():
                 # once complete, look often at the end of the stream: stream_done_cb follows commit closely
-                if sub.poll(_COMPLETE_POLL_MS if self.prefix >= self.count else poll_ms, zmq.POLLIN):
+                if sub.poll(_COMPLETE_POLL_MS if self.assembly.complete else poll_ms, zmq.POLLIN):
                     self._drain(sub)
                 self._ack()
                 if self.ended.is_set():
                     break
-                now = time.monotonic()
-                holes = self._holes()
-                if now >= self.next_repair and (holes or now - self.last_heard >= self.nudge_interval):
-                    self._repair(holes)
-                if time.monotonic() - self.last_heard > self.idle_timeout:
-                    self.end(ReturnCode.TIMEOUT, f"nothing from the sender '{self.owner}' for "
-                                                 f"{self.idle_timeout:g} s")
+                with self.lock:
+                    due = self.assembly.repair_due(time.monotonic())
+                if due:
+                    self._repair()
+                with self.lock:
+                    expired = self.assembly.expired(time.monotonic())
+                if expired:
+                    self.end(ReturnCode.TIMEOUT, f"{expired} ('{self.owner}')")
         finally:
             sub.close(linger=0)
 
@@ -214,7 +229,6 @@ class _Stream:
                 frames = sub.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.last_heard = time.monotonic()
             self._on_fanout(frames)
             if self.ended.is_set():
                 return
@@ -231,76 +245,89 @@ class _Stream:
                 self.ready_sent = True
                 self._event(wire.EV_READY)
             return
-        # The owner never runs more than a window ahead of this receiver's prefix.
-        if seq >= min(self.count, self.prefix + self.window) or offset != seq * self.chunk_size or \
-                len(frames[2]) != wire.chunk_length(seq, self.size, self.chunk_size):
+        if offset != seq * self.chunk_size or not 0 <= seq < self.count or \
+                len(frames[2]) != sealed_length(wire.chunk_length(seq, self.size, self.chunk_size)):
             log.debug("stream %s: ignored a malformed chunk frame (seq %d)", self.sid, seq)
             return
-        self._store(seq, frames[2].buffer, repaired=False)
-
-    def _store(self, seq: int, data: memoryview, repaired: bool) -> None:
-        """Write one chunk at its offset; extend the hashed prefix as far as it now goes."""
-        if seq < self.prefix or seq in self.have:
+        with self.lock:
+            if not self.assembly.admit(seq):
+                return
+        data = self.sealer.open(seq, frames[1].buffer, frames[2].buffer)
+        if data is None:  # altered or forged: dropped, and repaired later
+            self.rejected += 1
+            log.log(logging.WARNING if self.rejected == 1 else logging.DEBUG,
+                    "stream %s: dropped chunk %d, which failed authentication", self.sid, seq)
             return
         with self.lock:
-            if self.rc is not None:
+            self.assembly.heard(time.monotonic())
+        self._store(seq, memoryview(data), repaired=False)
+
+    def _store(self, seq: int, data: memoryview, repaired: bool) -> None:
+        """Write one chunk at its offset if the Assembly wants it; hash what joined the prefix."""
+        with self.lock:
+            if self.rc is not None or not self.assembly.admit(seq, repaired):
                 return
             offset = seq * self.chunk_size
             written = 0
             while written < len(data):
                 written += os.pwrite(self.fd, data[written:], offset + written)
-            if seq == self.prefix:
-                self.hasher.update(data)
-                self.prefix += 1
-                while self.prefix in self.have:  # chunks that came after a repaired gap
-                    self.have.discard(self.prefix)
-                    start = self.prefix * self.chunk_size
+            for joined in self.assembly.stored(seq, time.monotonic()):
+                if joined == seq:
+                    self.hasher.update(data)
+                else:  # chunks that came after a gap, now contiguous: hash them from the file
+                    start = joined * self.chunk_size
                     digests.hash_range(self.fd, self.hasher, start,
-                                       start + wire.chunk_length(self.prefix, self.size, self.chunk_size))
-                    self.prefix += 1
-            else:
-                self.have.add(seq)
-                self.highest = max(self.highest, seq)
+                                       start + wire.chunk_length(joined, self.size, self.chunk_size))
         if repaired:
             self.repaired += 1
         if self.reg.chunk_consumed_cb is not None and not self.cb_failed:
             self.cb_failed = not _call_user_cb("chunk_consumed_cb", self.reg.chunk_consumed_cb, self.reg, self.ctx)
-
-    def _holes(self) -> list[int]:
-        return [s for s in range(self.prefix, self.highest + 1) if s not in self.have][:_MAX_HOLES]
 
     def _event(self, event: str, **fields: Any) -> None:
         self.cell.fire_and_forget(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self.owner, None,
                                   headers={"sid": self.sid, "ev": event, **fields})
 
     def _ack(self) -> None:
-        if self.prefix > self.acked:
-            self.acked = self.prefix
-            self._event(wire.EV_ACK, n=self.acked)
+        with self.lock:
+            acked = self.assembly.take_ack()
+        if acked is not None:
+            self._event(wire.EV_ACK, n=acked)
 
-    def _repair(self, holes: list[int]) -> None:
+    def _repair(self) -> None:
         """Ask the owner for missing chunks (or, when idle, whether it is still there)."""
-        now = time.monotonic()
-        headers: dict[str, Any] = {"sid": self.sid, "ack": self.prefix, "missing": holes}
-        if not holes:
-            headers["from"] = max(self.prefix, self.highest + 1)
-        timeout = max(0.05, min(self.chunk_timeout, self.idle_timeout - (now - self.last_heard)))
+        with self.lock:
+            ask = self.assembly.repair_request()
+            timeout = self.assembly.repair_timeout(time.monotonic())
+        headers: dict[str, Any] = {"sid": self.sid, "ack": ask.ack, "missing": ask.missing}
+        if ask.start is not None:
+            headers["from"] = ask.start
         try:
             reply = self.cell.request(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self.owner, headers=headers,
                                       timeout=timeout)
-        except (RequestTimeout, UnreachableError, BrokerUnreachableError) as exc:
+        except UnreachableError as exc:
+            self.end(ReturnCode.COMMUNICATION_ERROR, f"the sender '{self.owner}' is gone: {exc}",
+                     notify_owner=False)
+            return
+        except (RequestTimeout, BrokerUnreachableError, RemoteError) as exc:
+            # An error reply may come from anyone (the Cell does not say who): it counts as no
+            # answer, and a sender that really cannot serve the stream ends it by silence.
             log.debug("stream %s: no repair from '%s': %s", self.sid, self.owner, exc)
-            self.next_repair = time.monotonic() + self.nudge_interval
+            with self.lock:
+                self.assembly.repair_unanswered(time.monotonic())
             return
-        except RemoteError as exc:
-            self.end(ReturnCode.ERROR, f"the sender '{self.owner}' cannot serve the stream: {exc}")
+        if reply.source != self.owner:
+            self.side.count_ignored(reply.source, "repair reply", self.sid)
+            with self.lock:
+                self.assembly.repair_unanswered(time.monotonic())
             return
-        if reply.headers.get("error"):
-            self.end(ReturnCode.TASK_ABORTED, f"the sender '{self.owner}' ended the stream "
-                                              f"({reply.headers['error']})", notify_owner=False)
+        error = reply_error(reply.headers)
+        if error is not None:
+            self.end(ReturnCode.TASK_ABORTED, f"the sender '{self.owner}' ended the stream ({error[1]})",
+                     notify_owner=False)
             return
-        self.last_heard = time.monotonic()
-        self.next_repair = self.last_heard
+        others = reply.headers.get("acked")
+        with self.lock:
+            self.assembly.repair_answered(time.monotonic(), others if isinstance(others, int) else None)
         seqs = reply.headers.get("seqs")
         data = reply.buffer
         position = 0
@@ -316,84 +343,115 @@ class _Stream:
     # -- the owner's finishing requests (Cell worker threads) ------------------------------
     def verify(self, algo: object, digest: object) -> Reply:
         with self.lock:
-            self.last_heard = time.monotonic()
+            self.assembly.progressed(time.monotonic())
+            if self.verified and self.rc is None:
+                return Reply(None, {"sid": self.sid})
             if self.rc is not None:
-                return Reply(None, {"error": f"the stream already ended ({self.rc}: {self.reason})"})
-            if self.prefix < self.count:
-                return Reply(None, {"error": f"only {self.prefix} of {self.count} chunks arrived"})
+                return Reply.failure(wire.ERR_ENDED, f"the stream already ended ({self.rc}: {self.reason})")
+            if not self.assembly.complete:
+                return Reply.failure(wire.ERR_INCOMPLETE,
+                                     f"only {self.assembly.prefix} of {self.count} chunks arrived")
             if algo != digests.ALGORITHM:
-                return Reply(None, {"error": f"digest algorithm {algo!r} is not {digests.ALGORITHM}"})
+                return Reply.failure(wire.ERR_BAD_REQUEST, f"digest algorithm {algo!r} is not {digests.ALGORITHM}")
             if self.hasher.hexdigest() != digest:
-                self._end_locked(ReturnCode.ERROR, "the received data does not match the sender's digest",
-                                 notify_owner=False)
-                return Reply(None, {"error": "the received data does not match the sender's digest"})
+                message = "the received data does not match the sender's digest"
+                self._end_locked(ReturnCode.ERROR, message, notify_owner=False)
+                return Reply.failure(wire.ERR_DIGEST, message)
             self.verified = True
-        return Reply(None, {"ok": True})
+        return Reply(None, {"sid": self.sid})
 
     def commit(self) -> Reply:
         with self.lock:
-            self.last_heard = time.monotonic()
+            self.assembly.progressed(time.monotonic())
+            if self.rc == ReturnCode.OK:  # committed already: the owner asks again
+                return Reply(None, {"sid": self.sid})
             if self.rc is not None or not self.verified:
-                return Reply(None, {"error": "the stream is not verified"})
+                return Reply.failure(wire.ERR_ENDED, "the stream is not verified")
             try:
                 location = commit_file(self.part_path, self.reg.dest_dir, self.name)
             except OSError as exc:
                 self._end_locked(ReturnCode.ERROR, f"cannot save the file: {exc}", notify_owner=False)
-                return Reply(None, {"error": f"cannot save the file: {exc}"})
+                return Reply.failure(wire.ERR_IO, f"cannot save the file: {exc}")
             self.ctx[keys.KEY_FILE_LOCATION] = location
             self._end_locked(ReturnCode.OK, "")
-        return Reply(None, {"ok": True})
+        return Reply(None, {"sid": self.sid})
 
 
-class _ReceiverHub:
-    """Per-Cell registrations and running incoming streams."""
+class ReceiverSide:
+    """The receiver side of push on one cell: registrations and running incoming streams."""
 
-    def __init__(self, cell: Cell) -> None:
-        self.cell_ref = weakref.ref(cell)
+    def __init__(self, service: PushService) -> None:
+        self._service = service
         self.tuning = ReceiverTuning()
+        self.ignored = 0  # messages about a stream from a node that is not its owner
+        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
         self._lock = threading.Lock()
         self._streams: dict[str, Optional[_Stream]] = {}  # None: being set up
-        self._ended: "OrderedDict[str, None]" = OrderedDict()
+        self._owners: dict[str, str] = {}  # stream id -> owner, for every stream in _streams
+        # ended stream ids -> the owner of a committed stream (it may ask again), else None
+        self._ended: "OrderedDict[str, Optional[str]]" = OrderedDict()
+        cell = service.cell
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_VERIFY, self._on_verify)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_COMMIT, self._on_commit)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self._on_abort)
-        cell.add_stop_hook(self._on_cell_stop)
+
+    @property
+    def cell(self) -> Cell:
+        return self._service.cell
 
     def register(self, reg: _Registration) -> None:
-        cell = self.cell_ref()
-        assert cell is not None
-        cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))
+        self.cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))
 
-    def forget(self, sid: str) -> None:
+    def forget(self, sid: str, committed: bool = False) -> None:
         with self._lock:
             self._streams.pop(sid, None)
-            self._remember_ended(sid)
+            owner = self._owners.pop(sid, None)
+            self._remember_ended(sid, owner if committed else None)
 
-    def _remember_ended(self, sid: str) -> None:
-        self._ended[sid] = None
+    def count_ignored(self, source: str, what: str, sid: object) -> None:
+        """Count (and log, once per source) a message from a node that is not the stream's owner."""
+        with self._lock:
+            self.ignored += 1
+            first = source not in self._warned
+            self._warned.add(source)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "stream %s: ignored a %s from '%s', which is not its owner", sid, what, source)
+
+    def _remember_ended(self, sid: str, committed_by: Optional[str] = None) -> None:
+        self._ended[sid] = committed_by
         while len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
 
     def _on_start(self, reg: _Registration, message: Message) -> Reply:
         try:
             info = wire.check_start(message.payload)
+            key = StreamKey.from_wire(info.get("seal"))
         except ValueError as exc:
-            return Reply(None, {"error": f"bad start request: {exc}"})
+            return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
         if info["algo"] != digests.ALGORITHM:
-            return Reply(None, {"error": f"digest algorithm {info['algo']!r} is not supported "
-                                         f"(this site uses {digests.ALGORITHM})"})
+            return Reply.failure(wire.ERR_BAD_REQUEST, f"digest algorithm {info['algo']!r} is not supported "
+                                                       f"(this site uses {digests.ALGORITHM})")
         sid = info["sid"]
         with self._lock:
-            if sid in self._streams or sid in self._ended:
-                return Reply(None, {"error": f"stream {sid} is already known here"})
+            if sid in self._streams:
+                if self._owners.get(sid) == message.source:  # the owner asks again
+                    return Reply(None, {"sid": sid})
+                self.ignored += 1
+                return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
+            if sid in self._ended:
+                return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if len(self._streams) >= MAX_STREAMS:
-                return Reply(None, {"error": f"too many incoming streams (limit {MAX_STREAMS})"})
+                return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams (limit {MAX_STREAMS})")
+            if sum(1 for owner in self._owners.values() if owner == message.source) >= MAX_STREAMS_PER_SENDER:
+                return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams from '{message.source}' "
+                                                       f"(limit {MAX_STREAMS_PER_SENDER})")
             self._streams[sid] = None
+            self._owners[sid] = message.source
         try:
-            stream = self._open(reg, info, message.source)
+            stream = self._open(reg, info, key, message.source)
         except (OSError, ValueError) as exc:
             self.forget(sid)
-            return Reply(None, {"error": str(exc)})
+            return Reply.failure(wire.ERR_REFUSED, str(exc))
         with self._lock:
             aborted = sid in self._ended
             self._streams[sid] = stream
@@ -401,13 +459,10 @@ class _ReceiverHub:
             stream.end(ReturnCode.TASK_ABORTED, "the sender aborted the stream", notify_owner=False)
         stream.thread.start()
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'", sid, stream.name, stream.size, message.source)
-        return Reply(None, {"ok": True})
+        return Reply(None, {"sid": sid})
 
-    def _open(self, reg: _Registration, info: dict, owner: str) -> _Stream:
-        cell = self.cell_ref()
-        if cell is None:
-            raise ValueError("the cell is gone")
-        cell_name = cell.fqcn
+    def _open(self, reg: _Registration, info: dict, key: StreamKey, owner: str) -> _Stream:
+        cell_name = self.cell.fqcn
         if not os.path.isdir(reg.dest_dir):
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
         free = shutil.disk_usage(reg.dest_dir).free
@@ -421,52 +476,65 @@ class _ReceiverHub:
                 break
             except FileExistsError:
                 continue
-        return _Stream(self, cell, reg, info, owner, path, fd)
+        return _Stream(self, reg, info, key, owner, path, fd)
 
     def _stream_from_owner(self, message: Message) -> Optional[_Stream]:
+        """The running stream the message names, if its sender is the stream's owner."""
         sid = message.headers.get("sid")
-        if not isinstance(sid, str):
+        if not wire.is_stream_id(sid):
             return None
         with self._lock:
             stream = self._streams.get(sid)
-        return stream if stream is not None and stream.owner == message.source else None
+        if stream is not None and stream.owner != message.source:
+            self.count_ignored(message.source, f"'{message.topic}' request", sid)
+            return None
+        return stream
+
+    def _committed(self, message: Message) -> Optional[Reply]:
+        """Success again for the owner of a stream committed here already (it asks again), else None."""
+        sid = message.headers.get("sid")
+        with self._lock:
+            done = isinstance(sid, str) and self._ended.get(sid) == message.source
+        return Reply(None, {"sid": sid}) if done else None
 
     def _on_verify(self, message: Message) -> Reply:
         stream = self._stream_from_owner(message)
         if stream is None:
-            return Reply(None, {"error": "unknown stream"})
+            return self._committed(message) or Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         return stream.verify(message.headers.get("algo"), message.headers.get("digest"))
 
     def _on_commit(self, message: Message) -> Reply:
         stream = self._stream_from_owner(message)
         if stream is None:
-            return Reply(None, {"error": "unknown stream"})
+            return self._committed(message) or Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         return stream.commit()
 
-    def _on_abort(self, message: Message) -> None:
+    def _on_abort(self, message: Message) -> Reply:
         sid = message.headers.get("sid")
         if not wire.is_stream_id(sid):
-            return
+            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         with self._lock:
+            owner = self._owners.get(sid)
             stream = self._streams.get(sid)
-            if stream is None:
-                self._remember_ended(sid)
-                return
-        if stream.owner == message.source:
-            reason = message.headers.get("reason") or "the sender aborted the stream"
-            stream.end(ReturnCode.TASK_ABORTED, str(reason), notify_owner=False)
+            if owner is None or (stream is None and owner == message.source):
+                self._remember_ended(sid)  # a start that comes after its abort is refused
+                return Reply(None, {"sid": sid})
+        if owner != message.source or stream is None:
+            self.count_ignored(message.source, "'abort' request", sid)
+            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
+        reason = message.headers.get("reason") or "the sender aborted the stream"
+        stream.end(ReturnCode.TASK_ABORTED, str(reason), notify_owner=False)
+        return Reply(None, {"sid": sid})
 
-    def _on_cell_stop(self) -> None:
+    def stop(self) -> None:
+        """End every incoming stream and wait for their threads (a stop hook of the cell)."""
         with self._lock:
             streams = [s for s in self._streams.values() if s is not None]
         for stream in streams:
             stream.end(ReturnCode.TASK_ABORTED, "the receiving cell is stopping")
         for stream in streams:
             if stream.thread.is_alive():
-                stream.thread.join(2.0)
-
-
-_hubs: PerCell[_ReceiverHub] = PerCell(_ReceiverHub)  # the receiver side of push, one per cell
+                stream.thread.join(_JOIN_WAIT)
 
 
 def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
@@ -488,14 +556,17 @@ def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest
         raise ValueError(f"allow_pickle must be True or False, got {allow_pickle!r}.")
     directory = check_dest_dir(dest_dir)
     cell = fl_ctx.get_engine().get_cell()
-    _hubs.get(cell).register(_Registration(fl_ctx, channel, topic, directory, stream_done_cb, chunk_consumed_cb,
-                                          dict(cb_kwargs), allow_pickle))
+    PushService.for_cell(cell).side(ReceiverSide).register(
+        _Registration(fl_ctx, channel, topic, directory, stream_done_cb, chunk_consumed_cb, dict(cb_kwargs),
+                      allow_pickle))
 
 
 def set_receiver_tuning(cell: Cell, tuning: ReceiverTuning) -> None:
     """Use `tuning` for the streams this cell receives from now on."""
     if not isinstance(tuning, ReceiverTuning):
         raise ValueError(f"tuning must be a ReceiverTuning, got {type(tuning).__name__}.")
-    if (tuning.sub_rcvhwm is not None and tuning.sub_rcvhwm < 1) or tuning.subscribe_delay < 0:
-        raise ValueError("sub_rcvhwm must be at least 1 and subscribe_delay not negative.")
-    _hubs.get(cell).tuning = tuning
+    if (tuning.sub_rcvhwm is not None and tuning.sub_rcvhwm < 1) or tuning.subscribe_delay < 0 \
+            or tuning.max_idle <= 0 or tuning.max_stall <= 0:
+        raise ValueError("sub_rcvhwm must be at least 1, subscribe_delay not negative, max_idle and max_stall "
+                         "positive.")
+    PushService.for_cell(cell).side(ReceiverSide).tuning = tuning

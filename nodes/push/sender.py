@@ -1,17 +1,24 @@
 """Owner side of a push: publish each chunk once to all targets, in lockstep, with repair.
 
-Flow of one stream (see nodes/push_wire.py for the messages):
+Flow of one stream (nodes/push/wire.py has the messages; every decision on what to publish,
+when a target stalled and what to repair is made by nodes/push/window.py, socket-free):
 
 1. validate the arguments, open the file, connect an XPUB (XPUB_NODROP) to the broker's XSUB
    and wait for the broker's subscription, which proves the pipe is live;
-2. send "start" to every target at once on the application's channel/topic; any refusal,
-   unreachable target or missing reply fails the whole stream before data flows;
+2. send "start" to every target at once on the application's channel/topic, with the
+   stream's fresh key (nodes/push/seal.py); any refusal, unreachable target or missing
+   reply fails the whole stream before data flows;
 3. publish probes until every target saw one on its SUB ("ready"), for a short grace
    period: a target that joins later still gets every chunk through repair;
-4. publish each chunk once, at most `window` chunks ahead of the slowest cumulative ack;
-   receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
-5. "verify" (every target compares the digest) then "commit" (every target renames its
-   .part into place). Any failure aborts the stream for every target.
+4. publish each chunk once, sealed, at most `window` chunks ahead of the slowest cumulative
+   ack; receivers ask for missing chunks over the Cell and get them by unicast (os.pread);
+5. check that the source did not change (size, mtime, inode, as pull does), then "verify"
+   (every target compares the digest) and "commit" (every target renames its .part into
+   place). Any failure aborts the stream for every target.
+
+The stream runs on the caller's thread; `OwnerSide` (one per cell, in its PushService)
+hands the targets' events to it through a queue and answers repair requests in the Cell's
+worker pool. Only the targets of a stream are heard; replies forged by others are counted.
 """
 
 import logging
@@ -20,8 +27,7 @@ import queue
 import stat
 import threading
 import time
-import weakref
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -33,10 +39,12 @@ from fedstream.common.errors import CellError, RemoteError, UnreachableError
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.protocol import is_json_compatible
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes.push import wire
 from fedstream.nodes.cell import Cell, PendingRequest
-from fedstream.nodes.message import Message, Reply
-from fedstream.nodes.per_cell import PerCell
+from fedstream.nodes.message import Message, Reply, reply_error
+from fedstream.nodes.push import wire
+from fedstream.nodes.push.seal import Sealer, StreamKey
+from fedstream.nodes.push.service import PushService
+from fedstream.nodes.push.window import Ack, Cancelled, Event, Fail, PushWindow, Ready, choose_repair
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +81,16 @@ class _Failure(Exception):
 
 
 class _Session:
-    """What the Cell handlers of the owner need to know about a running stream."""
+    """What the owner side's handlers need to know about a running stream."""
 
     def __init__(self, sid: str, targets: Iterable[str], fd: int, size: int, chunk_size: int) -> None:
         self.sid = sid
         self.targets = frozenset(targets)
         self.size = size
         self.chunk_size = chunk_size
-        self.events: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self.events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
         self.published = 0  # chunks [0, published) went out on the fan-out
+        self.slowest = 0  # every target holds chunks [0, slowest)
         self.bytes_repaired = 0
         self.finished = threading.Event()
         self._fd: Optional[int] = fd
@@ -104,16 +113,33 @@ class _Session:
                 self._fd = None
 
 
-class _OwnerHub:
-    """Per-Cell dispatcher of receiver messages (acks, ready, repairs) to running streams."""
+def _event_from(source: str, headers: dict) -> Optional[Event]:
+    """The typed event a receiver's `event` message carries, or None if it is malformed."""
+    kind, n = headers.get("ev"), headers.get("n")
+    if kind == wire.EV_ACK and isinstance(n, int) and not isinstance(n, bool):
+        return Ack(source, n)
+    if kind == wire.EV_READY:
+        return Ready(source)
+    if kind == wire.EV_FAIL:
+        return Fail(source, str(headers.get("error") or "no reason given"))
+    return None
 
-    def __init__(self, cell: Cell) -> None:
-        self.cell_ref = weakref.ref(cell)
+
+class OwnerSide:
+    """The owner side of push on one cell: hands receivers' messages to the running streams.
+
+    Only a stream's targets (the broker-stamped source) may send its acks, events and
+    repair requests; others are counted in `ignored` and dropped.
+    """
+
+    def __init__(self, service: PushService) -> None:
+        cell = service.cell
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
+        self.ignored = 0  # messages about a stream from a node that is not its target
+        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
-        cell.add_stop_hook(self._on_cell_stop)
 
     def add(self, session: _Session) -> None:
         with self._lock:
@@ -125,64 +151,66 @@ class _OwnerHub:
 
     def _find(self, message: Message) -> Optional[_Session]:
         sid = message.headers.get("sid")
-        session = self._sessions.get(sid) if isinstance(sid, str) else None
-        if session is None or message.source not in session.targets:
+        with self._lock:
+            session = self._sessions.get(sid) if isinstance(sid, str) else None
+        if session is not None and message.source not in session.targets:
+            self.count_ignored(message.source, f"'{message.topic}' message", session.sid)
             return None
         return session
 
-    def _on_event(self, message: Message) -> None:
-        """Inline on the Cell's I/O thread: hand the event to the stream's loop."""
-        session = self._find(message)
-        if session is not None:
-            h = message.headers
-            session.events.put((message.source, h.get("ev"), h.get("n"), h.get("error")))
+    def count_ignored(self, source: str, what: str, sid: str) -> None:
+        """Count (and log, once per source) a message from a node that is not a target of the stream."""
+        with self._lock:
+            self.ignored += 1
+            first = source not in self._warned
+            self._warned.add(source)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "stream %s: ignored a %s from '%s', which is not its target", sid, what, source)
 
-    def _on_repair(self, message: Message) -> Reply:
-        """Send chunks a receiver misses (never any it could not have been sent yet)."""
+    def _on_event(self, message: Message) -> Optional[Reply]:
+        """Inline on the Cell's I/O thread: hand the event to the stream's thread."""
         session = self._find(message)
         if session is None:
-            return Reply(None, {"error": "unknown stream"})
+            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
+        event = _event_from(message.source, message.headers)
+        if event is not None:
+            session.events.put(event)
+        return Reply(None, {"sid": session.sid})
+
+    def _on_repair(self, message: Message) -> Reply:
+        """Send chunks a receiver misses (never any that was not published yet)."""
+        session = self._find(message)
+        if session is None:
+            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         h = message.headers
         ack = h.get("ack")
-        if isinstance(ack, int):
-            session.events.put((message.source, wire.EV_ACK, ack, None))
-        published = session.published
-        wanted: list[int] = []
+        if isinstance(ack, int) and not isinstance(ack, bool):
+            session.events.put(Ack(message.source, ack))
         missing = h.get("missing")
-        if isinstance(missing, list):
-            wanted.extend(s for s in missing[:_MAX_REPAIR_SEQS] if isinstance(s, int) and 0 <= s < published)
         start = h.get("from")
-        if isinstance(start, int) and start >= 0:
-            wanted.extend(range(start, min(published, start + _MAX_REPAIR_SEQS)))
-        seqs: list[int] = []
-        budget = wire.repair_budget(session.chunk_size)
-        for seq in dict.fromkeys(wanted):
-            length = wire.chunk_length(seq, session.size, session.chunk_size)
-            if seqs and length > budget:
-                break
-            seqs.append(seq)
-            budget -= length
+        published = session.published
+        seqs = choose_repair([s for s in missing if isinstance(s, int)] if isinstance(missing, list) else [],
+                             start if isinstance(start, int) and not isinstance(start, bool) else None,
+                             published, lambda s: wire.chunk_length(s, session.size, session.chunk_size),
+                             wire.repair_budget(session.chunk_size), _MAX_REPAIR_SEQS)
         try:
             data = session.read_chunks(seqs) if seqs else None
         except (_Failure, OSError) as exc:
-            return Reply(None, {"error": f"cannot read the file: {exc}"})
+            return Reply.failure(wire.ERR_IO, f"cannot read the file: {exc}")
         if seqs:
             log.debug("stream %s: repairing %d chunk(s) for '%s' from %d", session.sid, len(seqs),
                       message.source, seqs[0])
-        return Reply(data, {"sid": session.sid, "published": published, "seqs": seqs})
+        return Reply(data, {"sid": session.sid, "published": published, "seqs": seqs, "acked": session.slowest})
 
-    def _on_cell_stop(self) -> None:
-        """Fail running streams and give them a moment to tell their targets, while the cell still can."""
+    def stop(self) -> None:
+        """Cancel running streams and give them a moment to tell their targets, while the cell still can."""
         with self._lock:
             sessions = list(self._sessions.values())
         for session in sessions:
-            session.events.put((None, "cancel", None, "the cell is stopping"))
+            session.events.put(Cancelled("the cell is stopping"))
         deadline = time.monotonic() + _STOP_GRACE
         for session in sessions:
             session.finished.wait(max(0.0, deadline - time.monotonic()))
-
-
-_hubs: PerCell[_OwnerHub] = PerCell(_OwnerHub)  # the owner side of push, one per cell
 
 
 def check_push_args(channel: object, topic: object, stream_ctx: object, targets: object, file_name: object,
@@ -243,48 +271,50 @@ def send_file(cell: Cell, channel: str, topic: str, stream_ctx: Optional[Mapping
         fd = os.open(file_name, os.O_RDONLY)
     except OSError as exc:
         raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: {exc.strerror}.") from None
-    run = _Push(cell, channel, topic, dict(stream_ctx or {}), target_list, fd, name, size, timeout,
-                optional, progress)
+    owner = PushService.for_cell(cell).side(OwnerSide)
+    run = _Push(cell, owner, channel, topic, dict(stream_ctx or {}), target_list, os.fspath(file_name), fd, name,
+                size, timeout, optional, progress)
     return run.run()
 
 
 class _Push:
-    """One running push on the owner."""
+    """One running push on the owner: drives a PushWindow with the sockets and the clock."""
 
-    def __init__(self, cell: Cell, channel: str, topic: str, stream_ctx: dict, targets: list[str], fd: int,
-                 name: str, chunk_size: int, chunk_timeout: float, optional: bool,
-                 progress: Optional[ProgressCallback]) -> None:
+    def __init__(self, cell: Cell, owner: OwnerSide, channel: str, topic: str, stream_ctx: dict,
+                 targets: list[str], path: str, fd: int, name: str, chunk_size: int, chunk_timeout: float,
+                 optional: bool, progress: Optional[ProgressCallback]) -> None:
         self.cell = cell
+        self.owner = owner
         self.channel = channel
         self.topic = topic
         self.stream_ctx = stream_ctx
         self.targets = targets
         self.name = name
-        self.size = os.fstat(fd).st_size
+        self.path = path
+        self.source_stat = os.fstat(fd)
+        self.size = self.source_stat.st_size
         self.chunk_size = chunk_size
         self.chunk_timeout = chunk_timeout
         self.count = wire.chunk_count(self.size, chunk_size)
-        self.window = wire.window_for(chunk_size)
         self.optional = optional
         self.progress = progress
         self.sid = wire.new_stream_id()
         self.topic_frame = self.sid.encode()
+        self.stream_key = StreamKey.new()
+        self.sealer = Sealer(self.stream_key)
         self.session = _Session(self.sid, targets, fd, self.size, chunk_size)
+        self.window = PushWindow(targets, self.count, wire.window_for(chunk_size), chunk_timeout, time.monotonic())
         self.fd = fd
         self.hasher = digests.new_hasher()
         self.xpub: Optional[zmq.Socket] = None
         self.started: list[str] = []  # targets that may hold stream state (to abort)
-        self.acks = {t: 0 for t in targets}
-        self.last_progress = {t: 0.0 for t in targets}
-        self.ready: set[str] = set()
         self.bytes_published = 0
         self.reported = -1
 
     # -- the stream ------------------------------------------------------------------------
     def run(self) -> PushResult:
         began = time.monotonic()
-        hub = _hubs.get(self.cell)
-        hub.add(self.session)
+        self.owner.add(self.session)
         ok = False
         try:
             if self.count:
@@ -307,7 +337,7 @@ class _Push:
         finally:
             if not ok:
                 self._abort()
-            hub.remove(self.session)
+            self.owner.remove(self.session)
             self.session.close_file()
             if self.xpub is not None:
                 self.xpub.close(linger=0)  # every target confirmed, or the stream was aborted
@@ -322,6 +352,11 @@ class _Push:
         return PushResult(rc, ok, error, self.size, time.monotonic() - began, self.bytes_published,
                           self.session.bytes_repaired)
 
+    def _check_verdict(self) -> None:
+        verdict = self.window.verdict
+        if verdict is not None:
+            raise _Failure(verdict.rc, verdict.message)
+
     def _open_fanout(self) -> None:
         try:
             address, _ = self.cell.fanout_endpoints
@@ -329,7 +364,7 @@ class _Push:
             raise _Failure(ReturnCode.COMMUNICATION_ERROR, str(exc)) from None
         xpub = self.xpub = self.cell.context.socket(zmq.XPUB)
         xpub.setsockopt(zmq.XPUB_NODROP, 1)
-        xpub.setsockopt(zmq.SNDHWM, self.window + 16)
+        xpub.setsockopt(zmq.SNDHWM, self.window.window + 16)
         xpub.setsockopt(zmq.SNDTIMEO, _SEND_POLL_MS)
         xpub.connect(address)
         # The broker's XSUB subscribes to everything: its subscription shows the pipe is live.
@@ -343,25 +378,35 @@ class _Push:
             if xpub.recv()[:1] == b"\x01":
                 return
 
+    # -- the steps on the ROUTER path ------------------------------------------------------
     def _start_targets(self) -> None:
         info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": self.name, "size": self.size,
-                "chunk_size": self.chunk_size, "count": self.count, "window": self.window,
-                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx}
-        requests: dict[str, PendingRequest] = {}
-        for target in self.targets:
-            try:
-                requests[target] = self.cell.request_async(self.channel, self.topic, target, payload=info)
-            except CellError as exc:
-                self._cancel(requests)
-                raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
-            self.started.append(target)
-        self._gather("start", requests)
+                "chunk_size": self.chunk_size, "count": self.count, "window": self.window.window,
+                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx,
+                "seal": self.stream_key.to_wire()}
 
-    def _gather(self, step: str, requests: dict[str, PendingRequest]) -> None:
-        """Wait for every reply of a step; fail at the first error, naming its target."""
+        def send(target: str) -> PendingRequest:
+            pending = self.cell.request_async(self.channel, self.topic, target, payload=info)
+            if target not in self.started:
+                self.started.append(target)
+            return pending
+
+        self._step("start", send)
+
+    def _step(self, step: str, send: Callable[[str], PendingRequest]) -> None:
+        """Send one step's request to every target and wait for every answer; fail at the first error.
+
+        A reply whose broker-stamped source is not the target asked is a forgery: it is
+        counted, and the request is sent to the target again (every step is idempotent).
+        """
         deadline = time.monotonic() + self.chunk_timeout
-        waiting = {pending.future: target for target, pending in requests.items()}
+        waiting: dict = {}
         try:
+            for target in self.targets:
+                try:
+                    waiting[send(target).future] = target
+                except CellError as exc:
+                    raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
             while waiting:
                 remaining = deadline - time.monotonic()
                 done, _ = wait(list(waiting), timeout=max(0.0, remaining), return_when=FIRST_COMPLETED)
@@ -371,20 +416,23 @@ class _Push:
                                                        f"{self.chunk_timeout:g} s")
                 for future in done:
                     target = waiting.pop(future)
-                    self._check_reply(step, target, future)
+                    if not self._check_reply(step, target, future):
+                        waiting[send(target).future] = target
         except _Failure:
             if step == "start" and waiting:
                 # Let the other targets' "start" land first, so that the abort finds their stream.
                 wait(list(waiting), timeout=min(_START_SETTLE, max(0.0, deadline - time.monotonic())))
             raise
         finally:
-            self._cancel(requests)
+            for future in waiting:
+                future.cancel()
 
-    def _check_reply(self, step: str, target: str, future) -> None:
+    def _check_reply(self, step: str, target: str, future: Future) -> bool:
+        """True if `target` accepted the step; False for a reply forged by another node; else raise."""
         try:
             reply: Message = future.result()
         except UnreachableError:
-            if step == "start":
+            if step == "start" and target in self.started:
                 self.started.remove(target)
             raise _Failure(ReturnCode.COMMUNICATION_ERROR,
                            f"target '{target}' is not connected to the broker") from None
@@ -395,53 +443,50 @@ class _Push:
             raise _Failure(ReturnCode.ERROR, f"target '{target}' failed '{step}': {exc}") from None
         except CellError as exc:
             raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot reach '{target}': {exc}") from None
-        error = reply.headers.get("error")
-        if error:
-            raise _Failure(ReturnCode.ERROR, f"target '{target}' refused '{step}': {error}")
-        if reply.headers.get("ok") is not True:
+        if reply.source != target:
+            self.owner.count_ignored(reply.source, f"'{step}' reply in the name of '{target}'", self.sid)
+            return False
+        error = reply_error(reply.headers)
+        if error is not None:
+            raise _Failure(ReturnCode.ERROR, f"target '{target}' refused '{step}': {error[1]}")
+        if reply.headers.get("sid") != self.sid:
             raise _Failure(ReturnCode.ERROR, f"target '{target}' did not accept '{step}': its handler for "
                                              f"channel '{self.channel}' topic '{self.topic}' is not stream "
                                              f"processing")
+        return True
 
-    @staticmethod
-    def _cancel(requests: dict[str, PendingRequest]) -> None:
-        for pending in requests.values():
-            if not pending.done():
-                pending.cancel()
-
+    # -- publishing ------------------------------------------------------------------------
     def _wait_ready(self) -> None:
         """Probe the fan-out until every target's subscription is live (or a short grace passed)."""
         grace = min(_MAX_JOIN_GRACE, self.chunk_timeout / 2)
         deadline = time.monotonic() + grace
         interval = _PROBE_MIN_INTERVAL
         probe = [self.topic_frame, wire.encode_header(wire.KIND_PROBE), b""]
-        while len(self.ready) < len(self.targets):
+        while not self.window.all_ready:
             now = time.monotonic()
             if now >= deadline:
-                late = sorted(set(self.targets) - self.ready)
                 log.info("stream %s: %s not subscribed after %.2f s; starting anyway (they get repairs)",
-                         self.sid, ", ".join(late), grace)
+                         self.sid, ", ".join(self.window.not_ready()), grace)
                 break
             self._send(probe)
-            self._handle_events(min(interval, deadline - now))
+            self._take_events(min(interval, deadline - now))
             interval = min(interval * 2, _PROBE_MAX_INTERVAL)
 
     def _publish(self) -> None:
-        """Publish every chunk once, never more than `window` chunks ahead of the slowest ack."""
-        now = time.monotonic()
-        for target in self.targets:
-            self.last_progress[target] = now
-        seq = 0
+        """Publish every chunk once, as the window allows; fail on the window's verdict."""
+        self.window.start_clocks(time.monotonic())
         while True:
-            self._handle_events(0)
-            slowest = min(self.acks.values())
-            if slowest >= self.count:
+            self._take_events(0)
+            self._check_verdict()
+            if self.window.all_acked:
                 return
-            if seq < self.count and seq < slowest + self.window:
+            seq = self.window.next_seq()
+            if seq is not None:
                 self._publish_chunk(seq)
-                seq += 1
                 continue
-            self._handle_events(self._check_stalls(seq))
+            wait_for = self.window.check_stalls(time.monotonic())
+            self._check_verdict()
+            self._take_events(wait_for)
 
     def _publish_chunk(self, seq: int) -> None:
         offset = seq * self.chunk_size
@@ -450,28 +495,11 @@ class _Push:
         if len(data) != length:
             raise _Failure(ReturnCode.ERROR, f"'{self.name}' became shorter while it was being streamed")
         self.hasher.update(data)
-        self._send([self.topic_frame, wire.encode_header(wire.KIND_CHUNK, seq, offset), data])
+        header = wire.encode_header(wire.KIND_CHUNK, seq, offset)
+        self._send([self.topic_frame, header, self.sealer.seal(seq, header, data)])
         self.bytes_published += length
-        now = time.monotonic()
-        for target, acked in self.acks.items():
-            if acked == seq:  # it had everything so far: its clock starts with this chunk
-                self.last_progress[target] = now
+        self.window.published(seq, time.monotonic())
         self.session.published = seq + 1
-
-    def _check_stalls(self, published: int) -> float:
-        """Fail if a target owing acks made no progress for chunk_timeout; else how long to wait."""
-        now = time.monotonic()
-        wait_for = self.chunk_timeout
-        for target in self.targets:
-            if self.acks[target] >= published:
-                continue
-            idle = now - self.last_progress[target]
-            if idle >= self.chunk_timeout:
-                raise _Failure(ReturnCode.TIMEOUT,
-                               f"target '{target}' acknowledged nothing for {self.chunk_timeout:g} s "
-                               f"(it has {self.acks[target]} of {self.count} chunks)")
-            wait_for = min(wait_for, self.chunk_timeout - idle)
-        return max(wait_for, 0.001)
 
     def _send(self, frames: list) -> None:
         """Publish one message; NODROP makes a full pipe wait here, never lose data."""
@@ -482,29 +510,29 @@ class _Push:
                 self.xpub.send_multipart(frames, copy=False)
                 return
             except zmq.Again:
-                self._handle_events(0)
+                self._take_events(0)
+                self._check_verdict()
                 if time.monotonic() > deadline:
                     raise _Failure(ReturnCode.COMMUNICATION_ERROR,
                                    f"the broker's fan-out took no data for {self.chunk_timeout:g} s") from None
 
-    def _handle_events(self, timeout: float) -> None:
-        """Apply receiver events, waiting up to `timeout` seconds for the first one."""
+    def _take_events(self, timeout: float) -> None:
+        """Feed the window the targets' events, waiting up to `timeout` seconds for the first one."""
         events = self.session.events
         try:
-            item = events.get(timeout=timeout) if timeout > 0 else events.get_nowait()
+            event = events.get(timeout=timeout) if timeout > 0 else events.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._apply(*item)
+            self.window.handle(event, time.monotonic())
             try:
-                item = events.get_nowait()
+                event = events.get_nowait()
             except queue.Empty:
                 break
-        if self.progress is not None:
-            slowest = min(self.acks.values())
-            if slowest > self.reported:
-                self.reported = slowest
-                self._report(min(slowest * self.chunk_size, self.size))
+        slowest = self.session.slowest = self.window.slowest
+        if self.progress is not None and slowest > self.reported:
+            self.reported = slowest
+            self._report(min(slowest * self.chunk_size, self.size))
 
     def _report(self, done: int) -> None:
         assert self.progress is not None
@@ -513,40 +541,31 @@ class _Push:
         except Exception:
             log.exception("progress callback failed (ignored)")
 
-    def _apply(self, source: Optional[str], event: object, n: object, error: object) -> None:
-        if event == "cancel":
-            raise _Failure(ReturnCode.TASK_ABORTED, str(error))
-        if source not in self.acks:
-            return
-        if event == wire.EV_ACK and isinstance(n, int) and not isinstance(n, bool):
-            acked = min(n, self.session.published)
-            if acked > self.acks[source]:
-                self.acks[source] = acked
-                self.last_progress[source] = time.monotonic()
-        elif event == wire.EV_READY:
-            self.ready.add(source)
-        elif event == wire.EV_FAIL:
-            raise _Failure(ReturnCode.ERROR, f"target '{source}' failed: {error}")
+    # -- the end ---------------------------------------------------------------------------
+    def _check_source(self) -> None:
+        """Fail if the file changed since the push began (size, mtime, or another file under its name)."""
+        before = self.source_stat
+        try:
+            now, named = os.fstat(self.fd), os.stat(self.path)
+        except OSError as exc:
+            raise _Failure(ReturnCode.ERROR, f"cannot check '{self.path}' after sending it: {exc.strerror}") from None
+        if (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or \
+                (named.st_ino, named.st_dev) != (before.st_ino, before.st_dev):
+            raise _Failure(ReturnCode.ERROR, f"'{self.path}' changed while it was being pushed")
 
     def _finish(self) -> None:
         """Two-phase end: every target checks the digest, then every target commits its file."""
+        self._check_source()
         digest = self.hasher.hexdigest()
         if self.progress is not None and self.reported < self.count:
             self._report(self.size)
-        headers = {"sid": self.sid, "algo": digests.ALGORITHM, "digest": digest}
-        self._gather("verify", self._request_all(wire.TOPIC_VERIFY, headers))
-        self._gather("commit", self._request_all(wire.TOPIC_COMMIT, {"sid": self.sid}))
+        self._step("verify", self._sender(wire.TOPIC_VERIFY, {"sid": self.sid, "algo": digests.ALGORITHM,
+                                                               "digest": digest}))
+        self._step("commit", self._sender(wire.TOPIC_COMMIT, {"sid": self.sid}))
         self.started = []
 
-    def _request_all(self, topic: str, headers: dict) -> dict[str, PendingRequest]:
-        requests: dict[str, PendingRequest] = {}
-        for target in self.targets:
-            try:
-                requests[target] = self.cell.request_async(wire.CONTROL_CHANNEL, topic, target, headers=headers)
-            except CellError as exc:
-                self._cancel(requests)
-                raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
-        return requests
+    def _sender(self, topic: str, headers: dict) -> Callable[[str], PendingRequest]:
+        return lambda target: self.cell.request_async(wire.CONTROL_CHANNEL, topic, target, headers=headers)
 
     def _abort(self) -> None:
         """Tell every target that may hold stream state; wait briefly for them to take it."""
@@ -564,4 +583,3 @@ class _Push:
         for request in requests:
             request.cancel()  # stop waiting for answers that did not come
         self.started = []
-

@@ -1,6 +1,10 @@
-"""StreamContext: the dict that travels with a pushed file, and the keys fedstream adds to it."""
+"""StreamContext: the dict that travels with a pushed file, and the keys fedstream adds to it.
 
-from typing import Any, Optional
+The getters are module functions so that `FileStreamer.get_*` (the seed's face) and the
+`StreamContext.get_*` methods are the same code.
+"""
+
+from typing import Any, Mapping, Optional
 
 from fedstream.common.rc import ReturnCode
 
@@ -16,24 +20,34 @@ KEY_TOPIC = "__fedstream_topic__"
 KEY_REPAIRED_CHUNKS = "__fedstream_repaired_chunks__"
 KEY_OBJECT = "__fedstream_object__"  # set by stream_object: the serializer of an object stream
 KEY_ALLOW_PICKLE = "__fedstream_allow_pickle__"  # set by the receiver from its registration
+KEY_REJECTED_CHUNKS = "__fedstream_rejected_chunks__"  # fan-out chunks that failed authentication
+
+
+def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:
+    """The sender's base name of the file (sanitized)."""
+    return stream_ctx.get(KEY_FILE_NAME)
+
+
+def get_file_location(stream_ctx: Mapping[str, Any]) -> Optional[str]:
+    """Full path of the received file, or None if the stream failed (or is still running)."""
+    return stream_ctx.get(KEY_FILE_LOCATION)
+
+
+def get_file_size(stream_ctx: Mapping[str, Any]) -> Optional[int]:
+    """Size of the file in bytes."""
+    return stream_ctx.get(KEY_FILE_SIZE)
+
+
+def get_rc(stream_ctx: Mapping[str, Any]) -> Optional[ReturnCode]:
+    """ReturnCode of the stream on this receiver (None while it is still running)."""
+    value: Any = stream_ctx.get(KEY_RC)
+    return ReturnCode(value) if value is not None else None
 
 
 class StreamContext(dict):
     """Context of one stream: the sender's JSON-compatible keys plus fedstream's own keys."""
 
-    def get_file_name(self) -> Optional[str]:
-        """Sanitized base name the sender gave the file."""
-        return self.get(KEY_FILE_NAME)
-
-    def get_file_location(self) -> Optional[str]:
-        """Full path of the received file, or None if the stream failed (or is still running)."""
-        return self.get(KEY_FILE_LOCATION)
-
-    def get_file_size(self) -> Optional[int]:
-        """Size of the file in bytes."""
-        return self.get(KEY_FILE_SIZE)
-
-    def get_rc(self) -> Optional[ReturnCode]:
-        """ReturnCode of the stream on this receiver (None while it is still running)."""
-        value: Any = self.get(KEY_RC)
-        return ReturnCode(value) if value is not None else None
+    get_file_name = get_file_name
+    get_file_location = get_file_location
+    get_file_size = get_file_size
+    get_rc = get_rc

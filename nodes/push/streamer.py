@@ -56,23 +56,7 @@ class FileStreamer:
     stream_object = staticmethod(push_objects.stream_object)  # (..., obj, fl_ctx, ..., serializer=None) -> (rc, ok)
     get_object = staticmethod(push_objects.get_object)  # the object of a stream, inside stream_done_cb
 
-    @staticmethod
-    def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:
-        """The sender's base name of the file (sanitized)."""
-        return stream_ctx.get(keys.KEY_FILE_NAME)
-
-    @staticmethod
-    def get_file_location(stream_ctx: Mapping[str, Any]) -> Optional[str]:
-        """Full path of the received file (None if the stream failed)."""
-        return stream_ctx.get(keys.KEY_FILE_LOCATION)
-
-    @staticmethod
-    def get_file_size(stream_ctx: Mapping[str, Any]) -> Optional[int]:
-        """Size of the file in bytes."""
-        return stream_ctx.get(keys.KEY_FILE_SIZE)
-
-    @staticmethod
-    def get_rc(stream_ctx: Mapping[str, Any]) -> Optional[ReturnCode]:
-        """ReturnCode of the stream on this receiver (None while it is running)."""
-        value = stream_ctx.get(keys.KEY_RC)
-        return ReturnCode(value) if value is not None else None
+    get_file_name = staticmethod(keys.get_file_name)
+    get_file_location = staticmethod(keys.get_file_location)
+    get_file_size = staticmethod(keys.get_file_size)
+    get_rc = staticmethod(keys.get_rc)

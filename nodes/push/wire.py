@@ -31,11 +31,21 @@ FRAME_HEADER = struct.Struct("!BBQQ")
 CONTROL_CHANNEL = "__fedstream_push__"
 # receiver -> owner
 TOPIC_EVENT = "event"  # {"sid", "ev": "ready" | "ack" (one-way) | "fail" (request), "n": acked chunks, "error"}
-TOPIC_REPAIR = "repair"  # request: {"sid", "ack", "missing": [seq...], "from": seq} -> chunks by unicast
+TOPIC_REPAIR = "repair"  # request: {"sid", "ack", "missing": [seq...], "from": seq} -> chunks by unicast,
+#                          headers {"sid", "published", "seqs", "acked": lowest ack of all targets}
 # owner -> receiver
 TOPIC_VERIFY = "verify"  # request: {"sid", "algo", "digest"} -> ok once the .part matches
 TOPIC_COMMIT = "commit"  # request: {"sid"} -> the receiver renames the .part into place
 TOPIC_ABORT = "abort"  # request: {"sid", "reason"}
+
+# error codes of failed replies (Reply.failure(code, sentence))
+ERR_UNKNOWN_STREAM = "unknown_stream"  # no running stream with that id from/to this peer
+ERR_BAD_REQUEST = "bad_request"  # a malformed start request
+ERR_REFUSED = "refused"  # the receiver cannot take the stream (limits, disk space, directory)
+ERR_INCOMPLETE = "incomplete"  # verify before every chunk arrived
+ERR_DIGEST = "digest_mismatch"  # the received data does not match the owner's digest
+ERR_ENDED = "ended"  # the stream already ended on the receiver
+ERR_IO = "io"  # a file could not be read or written
 
 EV_READY = "ready"
 EV_ACK = "ack"
