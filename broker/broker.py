@@ -1,4 +1,19 @@
-"""Broker: a ROUTER that routes FQCN-addressed messages, plus the XSUB/XPUB fan-out pair."""
+"""Broker: a ROUTER that routes FQCN-addressed messages, plus the XSUB/XPUB fan-out pair.
+
+The routing thread reads every message from the ROUTER, dispatches it by command
+(register, heartbeat, send, bye), sweeps expired nodes, and never blocks: sends use
+NOBLOCK and a full or vanished peer gets its message dropped with an `undeliverable`
+answer to the sender. Hostile input cannot stop it:
+
+- every header frame is bounded before it is looked at (FQCN 255 bytes, hello and meta
+  `MAX_HEADER_SIZE`); an oversize meta is answered with a short error and never echoed;
+- JSON is decoded only by the bounded decoder in `common/protocol.py`;
+- any exception while handling one message is counted (`stats["errors"]`), logged at most
+  once per peer per minute, and the loop goes on with the next message;
+- queues are small in messages so they are small in bytes: a peer that never reads holds
+  at most `_ROUTER_HWM` messages on the ROUTER and `_FANOUT_HWM` chunks on the XPUB, and is
+  dropped by the kernel once its window stayed shut for `_STUCK_PEER_MS`.
+"""
 
 import logging
 import threading
@@ -10,7 +25,8 @@ import zmq
 from fedstream.broker.registry import Registry, monotonic
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
-from fedstream.common.fqcn import is_valid_fqcn
+from fedstream.common.fqcn import MAX_FQCN_LENGTH, is_valid_fqcn
+from fedstream.common.peerlog import PeerErrors
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +35,10 @@ DEFAULT_NODE_TIMEOUT = 5.0
 _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
-_FANOUT_HWM = 1000
-_ROUTER_HWM = 1000  # messages queued per peer before the broker answers "not keeping up"
+_FANOUT_HWM = 16  # chunks queued per subscriber; a subscriber that falls behind loses chunks and repairs
+_ROUTER_HWM = 128  # messages queued per peer before the broker answers "not keeping up"
+_STUCK_PEER_MS = 15_000  # a peer whose TCP window stays shut this long is disconnected (TCP_USER_TIMEOUT)
+_ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
 
 
 def _reachable_host(host: str) -> str:
@@ -46,6 +64,7 @@ class Broker:
         self._ctx = context or zmq.Context()
         self.registry = Registry(node_timeout)
         self.stats: Counter = Counter()
+        self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
         self._router: Optional[zmq.Socket] = None
         self._xsub: Optional[zmq.Socket] = None
         self._xpub: Optional[zmq.Socket] = None
@@ -117,6 +136,7 @@ class Broker:
         router.setsockopt(zmq.RCVHWM, _ROUTER_HWM)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        router.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
         router.linger = 0
         port = self._bind(router, self._port)
         self.address = f"tcp://{_reachable_host(self._host)}:{port}"
@@ -133,6 +153,7 @@ class Broker:
         xsub.linger = 0
         xpub = self._xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
+        xpub.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         xpub.linger = 0
@@ -176,13 +197,27 @@ class Broker:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    try:
+                        self._handle(frames)
+                    except Exception as exc:  # one message must never stop the routing
+                        self._failed(frames, exc)
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
                 for entry in self.registry.expire(now):
                     log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
                                 self.registry.node_timeout)
+
+    def _failed(self, frames: list, exc: Exception) -> None:
+        """Count a message whose handling raised; log it at most once per peer per minute."""
+        self.stats["errors"] += 1
+        identity = frames[0].bytes if frames else b""
+        entry = self.registry.entry_of(identity)
+        peer = entry.fqcn if entry is not None else identity.hex()
+        if self._peer_errors.record(peer, monotonic()):
+            log.warning("dropped a message from %s that could not be handled: %s: %s "
+                        "(further ones from this peer are logged once a minute)",
+                        peer, type(exc).__name__, str(exc)[:200])
 
     def _send(self, frames: list) -> "str | None":
         """Send without ever blocking; return why it failed, or None."""
@@ -200,7 +235,9 @@ class Broker:
 
     def _malformed(self, identity: bytes, why: str) -> None:
         self.stats["malformed"] += 1
-        log.debug("dropped a malformed message from connection %s: %s", identity.hex(), why)
+        if self._peer_errors.record(identity.hex(), monotonic()):
+            log.warning("dropped a malformed message from connection %s: %s "
+                        "(further ones from this connection are logged once a minute)", identity.hex(), why)
 
     def _handle(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -226,13 +263,16 @@ class Broker:
     def _handle_register(self, identity: bytes, frames: list, now: float) -> None:
         if len(frames) != 4:
             return self._malformed(identity, "register needs a name and a hello frame")
+        if len(frames[2]) > MAX_FQCN_LENGTH:
+            return self._malformed(identity, f"a name of {len(frames[2])} bytes is too long")
         try:
             fqcn = frames[2].bytes.decode("ascii")
-            hello = proto.decode_object(frames[3].bytes)
+            hello = proto.decode_object(frames[3].buffer)
         except (UnicodeDecodeError, proto.ProtocolError) as exc:
             return self._malformed(identity, f"bad register frames: {exc}")
-        if hello.get("v") != proto.VERSION:
-            reason = f"protocol version {hello.get('v')!r} is not supported (broker speaks {proto.VERSION})"
+        version = hello.get("v")
+        if type(version) is not int or version != proto.VERSION:
+            reason = f"protocol version {repr(version)[:20]} is not supported (broker speaks {proto.VERSION})"
         elif not is_valid_fqcn(fqcn):
             reason = f"'{fqcn}' is not a valid FQCN"
         else:
@@ -255,9 +295,16 @@ class Broker:
                 self.registry.release_name(fqcn)
 
     def _handle_send(self, identity: bytes, frames: list, now: float) -> None:
-        if len(frames) < 4:
-            return self._malformed(identity, "message needs a destination and a meta frame")
+        if len(frames) not in (4, 5):
+            return self._malformed(identity, "message needs a destination, a meta frame and at most one payload")
         destination, meta = frames[2], frames[3]
+        if len(destination) > MAX_FQCN_LENGTH or len(meta) > proto.MAX_HEADER_SIZE:
+            # Answer with a short error; never echo (and so never queue) a large frame.
+            self.stats["oversize"] += 1
+            self._malformed(identity, "oversize destination or meta frame")
+            self._send([identity, proto.UNDELIVERABLE, bytes(destination.buffer[:MAX_FQCN_LENGTH]), b"{}",
+                        f"a header frame exceeds the {proto.MAX_HEADER_SIZE}-byte limit".encode()])
+            return None
         source = self.registry.touch(identity, now)
         if source is None:
             self._send([identity, proto.NOT_REGISTERED])
