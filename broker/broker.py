@@ -10,9 +10,10 @@ answer to the sender. Hostile input cannot stop it:
 - JSON is decoded only by the bounded decoder in `common/protocol.py`;
 - any exception while handling one message is counted (`stats["errors"]`), logged at most
   once per peer per minute, and the loop goes on with the next message;
-- queues are small in messages so they are small in bytes: a peer that never reads holds
-  at most `_ROUTER_HWM` messages on the ROUTER and `_FANOUT_HWM` chunks on the XPUB, and is
-  dropped by the kernel once its window stayed shut for `_STUCK_PEER_MS`.
+- queues are bounded in bytes: on the ROUTER, a peer holds at most `_PEER_BYTES` of large
+  messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
+  `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks; a
+  peer whose TCP window stays shut for `_STUCK_PEER_MS` is disconnected by the kernel.
 """
 
 import logging
@@ -22,6 +23,7 @@ from typing import Optional
 
 import zmq
 
+from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry, monotonic
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
@@ -36,7 +38,8 @@ _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
 _FANOUT_HWM = 16  # chunks queued per subscriber; a subscriber that falls behind loses chunks and repairs
-_ROUTER_HWM = 128  # messages queued per peer before the broker answers "not keeping up"
+_ROUTER_HWM = 1000  # messages queued per peer (only small ones: large ones are bounded in bytes)
+_PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
 _STUCK_PEER_MS = 15_000  # a peer whose TCP window stays shut this long is disconnected (TCP_USER_TIMEOUT)
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
 
@@ -65,6 +68,7 @@ class Broker:
         self.registry = Registry(node_timeout)
         self.stats: Counter = Counter()
         self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
+        self._outflow = OutFlow(_PEER_BYTES)
         self._router: Optional[zmq.Socket] = None
         self._xsub: Optional[zmq.Socket] = None
         self._xpub: Optional[zmq.Socket] = None
@@ -204,6 +208,7 @@ class Broker:
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
+                self._outflow.sweep()
                 for entry in self.registry.expire(now):
                     log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
                                 self.registry.node_timeout)
@@ -221,8 +226,22 @@ class Broker:
 
     def _send(self, frames: list) -> "str | None":
         """Send without ever blocking; return why it failed, or None."""
+        router = self._router
+        assert router is not None
+        identity = frames[0]
+        size = sum(len(frame) for frame in frames[1:])
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            if size < TRACK_MIN:
+                router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return None
+            if not self._outflow.admit(identity, size):
+                self.stats["dropped_full"] += 1
+                return "busy"
+            for frame in frames[:-1]:
+                router.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+            last = frames[-1]
+            tracked = zmq.Frame(last.buffer if isinstance(last, zmq.Frame) else last, track=True, copy=False)
+            self._outflow.sent(identity, size, router.send(tracked, zmq.NOBLOCK, copy=False, track=True))
             return None
         except zmq.Again:
             self.stats["dropped_busy"] += 1

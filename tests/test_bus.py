@@ -3,38 +3,19 @@
 import os
 import signal
 import socket
+import sys
 import threading
 
 import pytest
 import zmq
 
 from fedstream.common import protocol as proto
-from fedstream.common.errors import RegistrationError, RemoteError, UnreachableError
+from fedstream.common.errors import RegistrationError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.nodes import Cell, FLContext
 from tests.procs import wait_until
 
-ECHO_CELL = """
-import sys, time
-from fedstream.nodes import Cell
-
-def echo(message):
-    payload = message.payload
-    if isinstance(payload, bytes):
-        payload = payload.decode()
-    return {"source": message.source, "topic": message.topic, "payload": payload,
-            "headers": message.headers}
-
-cell = Cell(sys.argv[1], sys.argv[2])
-cell.register_request_cb("test", "*", echo)
-cell.start()
-print("ready", flush=True)
-while True:
-    time.sleep(1)
-"""
-
-
 def start_echo(procs, name, address):
-    proc = procs.python(ECHO_CELL, name, address)
+    proc = procs.start([sys.executable, "-m", "tests.helpers.bus_echo", name, address], cwd=str(procs.tmp_path))
     proc.expect("ready")
     return proc
 
@@ -264,3 +245,67 @@ def test_stop_may_be_called_again_from_a_stop_hook_or_a_handler(broker_address):
         cell.start()
         tester.fire_and_forget("test", "quit", "site-2", None)
         wait_until(lambda: not cell.is_registered, 10)
+
+
+def _registered_dealer(ctx, address, name):
+    sock = _raw_dealer(ctx, address)
+    sock.send_multipart([proto.REGISTER, name.encode(), proto.encode_json({"v": proto.VERSION})])
+    assert sock.recv_multipart()[:2] == [proto.REGISTERED, proto.REG_OK]
+    return sock
+
+
+def test_replies_are_accepted_only_from_the_node_asked(procs, broker_address, cell):
+    start_echo(procs, "server", broker_address)
+    ctx = zmq.Context()
+    try:
+        mallory = _registered_dealer(ctx, broker_address, "mallory")
+        pending = cell.request_async("test", "slow", "server", 1.5)
+        rid = pending.request_id  # as if mallory had guessed it
+        forged = [{"k": "rep", "id": rid, "ch": "test", "tp": "slow", "pt": "j"},
+                  {"k": "err", "id": rid, "ch": "test", "tp": "slow", "pt": "j"},
+                  {"k": "rep", "id": rid, "ch": "test", "tp": "slow", "pt": "n", "h": {"err": "x", "msg": "forged"}}]
+        for meta in forged:
+            mallory.send_multipart([proto.SEND, b"tester", proto.encode_json(meta), proto.encode_json("forged")])
+        wait_until(lambda: cell.stats["forged_replies"] >= len(forged), 10)
+        assert not pending.done()
+        reply = pending.result(10)
+        assert reply.source == "server" and reply.payload["payload"] == 1.5
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_request_ids_are_random_64_bit():
+    ids = set()
+    with LocalIds() as make:
+        for _ in range(200):
+            ids.add(make())
+    assert len(ids) == 200 and all(0 < i < 2**64 for i in ids)
+    assert max(ids) > 2**60  # not a counter
+
+
+class LocalIds:
+    """Request ids as a Cell draws them, without a broker."""
+
+    def __enter__(self):
+        self.cell = Cell("ids", "tcp://127.0.0.1:1")
+        return lambda: self.cell._new_request_id()
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_too_large_messages_fail_at_once(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    with pytest.raises(ValueError, match="too large"):
+        cell.send_request("test", "ping", "site-1", b"x" * (proto.MAX_MESSAGE_SIZE + 1), timeout=60)
+    with pytest.raises(ValueError, match="too large"):
+        cell.send_request("test", "ping", "site-1", {"x": "y" * proto.MAX_JSON_PAYLOAD}, timeout=60)
+    with pytest.raises(ValueError, match="too large"):
+        cell.request("test", "ping", "site-1", headers={"h": "y" * proto.MAX_HEADER_SIZE}, timeout=60)
+    assert cell.send_request("test", "ping", "site-1", 1, timeout=10)["payload"] == 1
+
+
+def test_a_request_timeout_is_still_a_timeout(procs, broker_address, cell):
+    start_echo(procs, "server", broker_address)
+    with pytest.raises(RequestTimeout):
+        cell.send_request("test", "slow", "server", 3, timeout=0.5)
