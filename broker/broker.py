@@ -39,6 +39,7 @@ _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
 _FANOUT_HWM = 16  # chunks queued per subscriber; a subscriber that falls behind loses chunks and repairs
 _ROUTER_HWM = 1000  # messages queued per peer (only small ones: large ones are bounded in bytes)
+_ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest back at the sender
 _PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
 _STUCK_PEER_MS = 15_000  # a peer whose TCP window stays shut this long is disconnected (TCP_USER_TIMEOUT)
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
@@ -137,7 +138,7 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
         router.setsockopt(zmq.SNDHWM, _ROUTER_HWM)
-        router.setsockopt(zmq.RCVHWM, _ROUTER_HWM)
+        router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         router.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
@@ -298,7 +299,8 @@ class Broker:
             self._forget_if_disconnected(fqcn, identity)
             reason = self.registry.register(fqcn, identity, now)
         if reason:
-            log.warning("refused registration of '%s': %s", fqcn, reason)
+            if self._peer_errors.record(identity.hex(), now):
+                log.warning("refused registration of '%s': %s", fqcn[:64], reason)
             self._send([identity, proto.REGISTERED, proto.REG_ERR, reason.encode()])
             return None
         log.info("node '%s' registered (%d connected)", fqcn, len(self.registry))

@@ -625,10 +625,11 @@ class Cell:
             self.stats["handler_errors"] += 1
             with self._queued_lock:
                 loud = self._handler_errors.record(message.source, time.monotonic())
-            if loud:
-                log.exception("handler for %s/%s on '%s' failed on a message from '%s' (further failures "
-                              "for this sender are logged once a minute)", message.channel, message.topic,
-                              self.fqcn, message.source)
+            if loud:  # a ValueError is a handler refusing bad input: no traceback for that
+                log.warning("handler for %s/%s on '%s' failed on a message from '%s': %s: %s (further failures "
+                            "for this sender are logged once a minute)", message.channel, message.topic,
+                            self.fqcn, message.source, type(exc).__name__, str(exc)[:200],
+                            exc_info=not isinstance(exc, ValueError))
             if request_id:
                 self._reply(message, request_id, KIND_ERROR, f"handler failed: {type(exc).__name__}: {exc}")
             return
