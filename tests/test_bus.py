@@ -11,7 +11,8 @@ import zmq
 
 from fedstream.common import protocol as proto
 from fedstream.common.errors import RegistrationError, RemoteError, RequestTimeout, UnreachableError
-from fedstream.nodes import Cell, FLContext
+from fedstream.nodes import Cell, FLContext, PendingRequest
+from fedstream.nodes.message import KIND_REQUEST, PAYLOAD_NONE, Meta, encode_meta
 from tests.procs import wait_until
 
 def start_echo(procs, name, address):
@@ -275,23 +276,10 @@ def test_replies_are_accepted_only_from_the_node_asked(procs, broker_address, ce
 
 
 def test_request_ids_are_random_64_bit():
-    ids = set()
-    with LocalIds() as make:
-        for _ in range(200):
-            ids.add(make())
+    cell = Cell("ids", "tcp://127.0.0.1:1")  # never started: ids are drawn without a broker
+    ids = {cell._new_request_id() for _ in range(200)}
     assert len(ids) == 200 and all(0 < i < 2**64 for i in ids)
     assert max(ids) > 2**60  # not a counter
-
-
-class LocalIds:
-    """Request ids as a Cell draws them, without a broker."""
-
-    def __enter__(self):
-        self.cell = Cell("ids", "tcp://127.0.0.1:1")
-        return lambda: self.cell._new_request_id()
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_too_large_messages_fail_at_once(procs, broker_address, cell):
@@ -309,3 +297,19 @@ def test_a_request_timeout_is_still_a_timeout(procs, broker_address, cell):
     start_echo(procs, "server", broker_address)
     with pytest.raises(RequestTimeout):
         cell.send_request("test", "slow", "server", 3, timeout=0.5)
+
+
+def test_undeliverable_notices_fail_only_a_request_to_that_destination():
+    cell = Cell("tester", "tcp://127.0.0.1:1")  # never started: the handler is driven directly
+    pending = PendingRequest(cell, 42, "server")
+    cell._pending[42] = pending
+    meta = encode_meta(Meta(KIND_REQUEST, 42, "test", "ping", PAYLOAD_NONE))
+
+    def notice(destination: bytes) -> list:
+        return [zmq.Frame(f) for f in (proto.UNDELIVERABLE, destination, meta, destination + b" is not connected")]
+
+    cell._on_undeliverable(notice(b"other"))
+    assert not pending.done() and cell.stats["forged_replies"] == 1
+    cell._on_undeliverable(notice(b"server"))
+    with pytest.raises(UnreachableError):
+        pending.result(1)

@@ -1,4 +1,5 @@
-"""The bounded JSON decoder and the Cell message codec, without sockets."""
+"""Socket-free: the bounded JSON decoder, the Cell message codec, the broker's byte accounting
+and the per-peer log rate limit."""
 
 import json
 import os
@@ -6,9 +7,13 @@ import random
 
 import pytest
 
+from fedstream.broker.outflow import OutFlow
 from fedstream.common import protocol as proto
+from fedstream.common.peerlog import PeerErrors
 from fedstream.common.safejson import nests_deeper_than
 from fedstream.nodes import message as msg
+
+MiB = 1 << 20
 
 
 @pytest.mark.parametrize("data", [
@@ -108,3 +113,40 @@ def test_oversize_json_payload_is_refused_when_sending():
     with pytest.raises(ValueError, match="too large"):
         msg.encode_payload(["x" * 1000] * 2000)
     assert msg.encode_payload(b"x" * (2 * proto.MAX_JSON_PAYLOAD))[0] == msg.PAYLOAD_BYTES
+
+
+# -- the broker's byte accounting and the log rate limit ----------------------------------
+
+class FakeTracker:
+    def __init__(self):
+        self.done = False
+
+
+def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
+    flow = OutFlow(peer_limit=10 * MiB)
+    assert flow.admit(b"a", 64 * MiB)  # nothing in flight: one message of any size
+    first = FakeTracker()
+    flow.sent(b"a", 64 * MiB, first)
+    assert not flow.admit(b"a", 1)
+    assert flow.admit(b"b", MiB)  # other peers are not affected
+    first.done = True
+    trackers = []
+    for _ in range(10):
+        assert flow.admit(b"a", MiB)
+        trackers.append(FakeTracker())
+        flow.sent(b"a", MiB, trackers[-1])
+    assert flow.in_flight(b"a") == 10 * MiB and not flow.admit(b"a", 1)
+    trackers[0].done = True
+    assert flow.admit(b"a", MiB) and not flow.admit(b"a", MiB + 1)
+    for tracker in trackers:
+        tracker.done = True
+    flow.sweep()
+    assert len(flow) == 0 and flow.in_flight(b"a") == 0
+
+
+def test_peer_errors_log_once_per_peer_per_interval():
+    errors = PeerErrors(interval=60, max_peers=2)
+    assert errors.record("a", 0.0) and not errors.record("a", 1.0) and errors.record("b", 1.0)
+    assert not errors.record("c", 2.0)  # too many peers remembered: counted, not logged
+    assert errors.record("a", 61.0) and errors.record("c", 62.0)
+    assert errors.total == 6
