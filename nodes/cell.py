@@ -270,7 +270,9 @@ class Cell:
         """Call `cb(message)` for requests and one-way messages on (channel, topic); `*` matches any topic.
 
         The callback's return value (bytes, a JSON value, None or a Reply) is the reply payload.
-        Callbacks run in a worker pool; `inline=True` runs a fast, non-blocking one on the I/O thread.
+        Callbacks run in the Cell's bounded worker pool. `inline=True` runs the callback on the
+        I/O thread instead: it must return at once and must not block, wait on a reply or do
+        disk I/O, or every message of the Cell waits with it (see the module's threading rule).
         """
         if not isinstance(channel, str) or not channel or not isinstance(topic, str) or not topic:
             raise ValueError("channel and topic must be non-empty strings.")
