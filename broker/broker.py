@@ -12,8 +12,10 @@ answer to the sender. Hostile input cannot stop it:
   once per peer per minute, and the loop goes on with the next message;
 - queues are bounded in bytes: on the ROUTER, a peer holds at most `_PEER_BYTES` of large
   messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
-  `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks; a
-  peer whose TCP window stays shut for `_STUCK_PEER_MS` is disconnected by the kernel.
+  `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks of
+  the one stream it follows: the fan-out applies only subscriptions to a whole stream id,
+  so nobody receives every stream (or streams whose random id it was not told); a peer
+  whose TCP window stays shut for `_STUCK_PEER_MS` is disconnected by the kernel.
 """
 
 import logging
@@ -37,7 +39,7 @@ DEFAULT_NODE_TIMEOUT = 5.0
 _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
-_FANOUT_HWM = 16  # chunks queued per subscriber; a subscriber that falls behind loses chunks and repairs
+_FANOUT_HWM = 32  # chunks queued per subscriber (twice the push window at 1 MiB chunks); beyond: dropped, repaired
 _ROUTER_HWM = 1000  # messages queued per peer (only small ones: large ones are bounded in bytes)
 _ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest back at the sender
 _PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
@@ -158,6 +160,7 @@ class Broker:
         xsub.linger = 0
         xpub = self._xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
+        xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions pass through _apply_subscriptions
         xpub.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
@@ -182,11 +185,46 @@ class Broker:
 
     # -- fan-out ---------------------------------------------------------------------------
     def _fanout_loop(self) -> None:
-        try:
-            zmq.proxy_steerable(self._xsub, self._xpub, None, self._ctrl)
-        except zmq.ZMQError as exc:
-            if not self._stop.is_set():
-                log.error("fan-out proxy stopped: %s", exc)
+        """Forward chunks XSUB -> XPUB; apply only subscriptions to one whole stream id."""
+        xsub, xpub, ctrl = self._xsub, self._xpub, self._ctrl
+        assert xsub is not None and xpub is not None
+        poller = zmq.Poller()
+        for sock in (xsub, xpub, ctrl):
+            poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(_POLL_MS))
+                if ctrl in events:
+                    return
+                if xpub in events:
+                    self._apply_subscriptions(xpub)
+                if xsub in events:
+                    for _ in range(_DRAIN_BATCH):
+                        try:
+                            frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)  # a full subscriber drops
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    return
+                self.stats["fanout_errors"] += 1
+                log.error("fan-out: %s", exc)
+            except Exception as exc:  # one message must never stop the fan-out
+                self.stats["fanout_errors"] += 1
+                log.error("fan-out dropped a message: %s: %s", type(exc).__name__, exc)
+
+    def _apply_subscriptions(self, xpub: zmq.Socket) -> None:
+        """Apply subscriptions to whole stream ids only: never a prefix, so never every stream."""
+        for _ in range(_DRAIN_BATCH):
+            try:
+                message = xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(message) != 1 + proto.STREAM_ID_LENGTH or message[0] not in (0, 1):
+                self.stats["refused_subscriptions"] += 1
+                continue
+            xpub.setsockopt(zmq.SUBSCRIBE if message[0] else zmq.UNSUBSCRIBE, message[1:])
 
     # -- routing ---------------------------------------------------------------------------
     def _route_loop(self) -> None:

@@ -111,10 +111,29 @@ def test_fuzzed_frames_leave_broker_node_and_serve_working(federation, tmp_path)
     _push_and_get_still_work(address, tmp_path, federation["recv"], ref, federation["digest"], "fuzz")
 
 
+def _accept_push(lurker: zmq.Socket, timeout: float) -> str:
+    """Answer the first push `start` request that reaches `lurker` with "ok"; return its stream id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not lurker.poll(200):
+            continue
+        frames = lurker.recv_multipart()
+        if frames[0] != proto.DELIVER or len(frames) != 4:
+            continue
+        payload = proto.decode_json(frames[3], limit=proto.MAX_JSON_PAYLOAD)
+        if isinstance(payload, dict) and "sid" in payload:
+            meta = proto.decode_object(frames[2])
+            answer = {"k": "rep", "id": meta["id"], "ch": meta["ch"], "tp": meta["tp"], "pt": "n", "h": {"ok": True}}
+            lurker.send_multipart([proto.SEND, frames[1], proto.encode_json(answer)])
+            return payload["sid"]
+    raise AssertionError("no push start request reached the lurker")
+
+
 @pytest.mark.timeout(120)
 def test_floods_of_unread_messages_keep_the_broker_small(federation, tmp_path):
     """Issue 16's two floods: an unregistered peer that never reads sends large-meta messages;
-    a fan-out subscriber that never reads sits on every chunk of a 160 MiB push."""
+    fan-out subscribers that never read sit on a 160 MiB push (one asking for every stream,
+    one a target that accepted the stream, subscribed to it and then reads nothing)."""
     address = federation["address"]
     broker_pid = federation["broker"].pid
     ctx = zmq.Context()
@@ -128,13 +147,8 @@ def test_floods_of_unread_messages_keep_the_broker_small(federation, tmp_path):
 
         lurker = _dealer(ctx, address)
         info = _register(lurker, "lurker")
-        sub = ctx.socket(zmq.SUB)
-        sub.linger = 0
-        sub.setsockopt(zmq.RCVHWM, 1)
-        sub.setsockopt(zmq.RCVBUF, 4096)
-        sub.connect(f"tcp://127.0.0.1:{info['xpub_port']}")
-        sub.setsockopt(zmq.SUBSCRIBE, b"")  # every stream, read by nobody
-        time.sleep(0.5)
+        fanout = f"tcp://127.0.0.1:{info['xpub_port']}"
+        everything = _never_reading_sub(ctx, fanout, b"")
 
         big = tmp_path / "big.bin"
         with open(big, "wb") as out:
@@ -144,10 +158,32 @@ def test_floods_of_unread_messages_keep_the_broker_small(federation, tmp_path):
         pushed = _cli("push", str(big), "--to", "site-1", "--broker", address, "--quiet", cwd=str(tmp_path),
                       timeout=90)
         assert pushed.returncode == 0, pushed.stderr
-        assert os.path.getsize(federation["recv"] / "big.bin") == 160 * MiB
+        assert sha256_of(str(federation["recv"] / "big.bin")) == sha256_of(str(big))
+        assert not everything.poll(100)  # a prefix subscription is never applied: it saw no stream at all
+
+        push = subprocess.Popen([sys.executable, "-m", "fedstream.nodes", "push", str(big), "--to", "site-1,lurker",
+                                 "--broker", address, "--quiet"], cwd=str(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            sid = _accept_push(lurker, 30)
+            _never_reading_sub(ctx, fanout, sid.encode())  # the target subscribes, then reads nothing
+            _, stderr = push.communicate(timeout=90)
+        finally:
+            push.kill()
+        assert push.returncode != 0 and "lurker" in stderr  # the silent target fails the push, nothing more
         _push_and_get_still_work(address, tmp_path, federation["recv"], federation["ref"], federation["digest"],
                                  "flood")
         peak = peak_rss(broker_pid)
         assert peak is not None and peak < BROKER_BUDGET, f"broker peak RSS {peak / MiB:.1f} MiB"
     finally:
         ctx.destroy(linger=0)
+
+
+def _never_reading_sub(ctx: zmq.Context, address: str, topic: bytes) -> zmq.Socket:
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.RCVBUF, 4096)
+    sub.connect(address)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    return sub
