@@ -14,8 +14,9 @@ answer to the sender. Hostile input cannot stop it:
   messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
   `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks of
   the one stream it follows: the fan-out applies only subscriptions to a whole stream id,
-  so nobody receives every stream (or streams whose random id it was not told); a peer
-  whose TCP window stays shut for `_STUCK_PEER_MS` is disconnected by the kernel.
+  so nobody receives every stream (or streams whose random id it was not told); a node
+  that leaves a large message unread for `_STUCK_PEER` seconds is dropped from the registry
+  (it is told "not registered" on its next message and may register again).
 """
 
 import logging
@@ -43,7 +44,7 @@ _FANOUT_HWM = 32  # chunks queued per subscriber (twice the push window at 1 MiB
 _ROUTER_HWM = 1000  # messages queued per peer (only small ones: large ones are bounded in bytes)
 _ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest back at the sender
 _PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
-_STUCK_PEER_MS = 15_000  # a peer whose TCP window stays shut this long is disconnected (TCP_USER_TIMEOUT)
+_STUCK_PEER = 15.0  # seconds a node may leave a large message unread before the broker drops it
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
 
 
@@ -143,7 +144,6 @@ class Broker:
         router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        router.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
         router.linger = 0
         port = self._bind(router, self._port)
         self.address = f"tcp://{_reachable_host(self._host)}:{port}"
@@ -161,7 +161,6 @@ class Broker:
         xpub = self._xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
         xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions pass through _apply_subscriptions
-        xpub.setsockopt(zmq.TCP_MAXRT, _STUCK_PEER_MS)
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         xpub.linger = 0
@@ -247,7 +246,10 @@ class Broker:
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
-                self._outflow.sweep()
+                for identity in self._outflow.sweep(now, _STUCK_PEER):
+                    entry = self.registry.remove_identity(identity)
+                    if entry is not None:
+                        log.warning("node '%s' dropped: it read nothing for %g s", entry.fqcn, _STUCK_PEER)
                 for entry in self.registry.expire(now):
                     log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
                                 self.registry.node_timeout)
@@ -280,7 +282,8 @@ class Broker:
                 router.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
             last = frames[-1]
             tracked = zmq.Frame(last.buffer if isinstance(last, zmq.Frame) else last, track=True, copy=False)
-            self._outflow.sent(identity, size, router.send(tracked, zmq.NOBLOCK, copy=False, track=True))
+            tracker = router.send(tracked, zmq.NOBLOCK, copy=False, track=True)
+            self._outflow.sent(identity, size, tracker, monotonic())
             return None
         except zmq.Again:
             self.stats["dropped_busy"] += 1

@@ -6,9 +6,11 @@ memory. The broker therefore sends every message of `TRACK_MIN` bytes or more wi
 tracker (a `done` flag that libzmq sets once it has written the message and released it)
 and asks `admit` before each such send: a peer may hold at most `peer_limit` bytes of them
 in flight, or one message of any size when it holds nothing. Small messages are bounded
-by the socket's SNDHWM instead (SNDHWM x TRACK_MIN bytes).
+by the socket's SNDHWM instead (SNDHWM x TRACK_MIN bytes). `stuck` names the peers whose
+oldest tracked message has waited longer than a limit: they stopped reading.
 
-Socket-free: the trackers are any objects with a boolean `done` attribute.
+Socket-free: the trackers are any objects with a boolean `done` attribute; the clock is an
+argument.
 """
 
 from collections import deque
@@ -26,7 +28,7 @@ class OutFlow:
 
     def __init__(self, peer_limit: int) -> None:
         self.peer_limit = peer_limit
-        self._flights: dict[bytes, deque[tuple[Tracker, int]]] = {}
+        self._flights: dict[bytes, deque[tuple[Tracker, int, float]]] = {}
         self._bytes: dict[bytes, int] = {}
 
     def in_flight(self, peer: bytes) -> int:
@@ -46,15 +48,18 @@ class OutFlow:
         held = self.in_flight(peer)
         return held == 0 or held + size <= self.peer_limit
 
-    def sent(self, peer: bytes, size: int, tracker: Tracker) -> None:
-        """Record a tracked message queued for `peer`."""
-        self._flights.setdefault(peer, deque()).append((tracker, size))
+    def sent(self, peer: bytes, size: int, tracker: Tracker, now: float) -> None:
+        """Record a tracked message queued for `peer` at time `now`."""
+        self._flights.setdefault(peer, deque()).append((tracker, size, now))
         self._bytes[peer] = self._bytes.get(peer, 0) + size
 
-    def sweep(self) -> None:
-        """Forget peers whose messages are all written (or dropped with their connection)."""
+    def sweep(self, now: float, limit: float) -> list[bytes]:
+        """Forget peers whose messages are all written; return those whose oldest waited over `limit` s."""
+        stuck = []
         for peer in list(self._flights):
-            self.in_flight(peer)
+            if self.in_flight(peer) and now - self._flights[peer][0][2] > limit:
+                stuck.append(peer)
+        return stuck
 
     def __len__(self) -> int:
         return len(self._flights)

@@ -126,7 +126,7 @@ def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
     flow = OutFlow(peer_limit=10 * MiB)
     assert flow.admit(b"a", 64 * MiB)  # nothing in flight: one message of any size
     first = FakeTracker()
-    flow.sent(b"a", 64 * MiB, first)
+    flow.sent(b"a", 64 * MiB, first, 0.0)
     assert not flow.admit(b"a", 1)
     assert flow.admit(b"b", MiB)  # other peers are not affected
     first.done = True
@@ -134,13 +134,14 @@ def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
     for _ in range(10):
         assert flow.admit(b"a", MiB)
         trackers.append(FakeTracker())
-        flow.sent(b"a", MiB, trackers[-1])
+        flow.sent(b"a", MiB, trackers[-1], 1.0)
     assert flow.in_flight(b"a") == 10 * MiB and not flow.admit(b"a", 1)
     trackers[0].done = True
     assert flow.admit(b"a", MiB) and not flow.admit(b"a", MiB + 1)
+    assert flow.sweep(now=10.0, limit=15.0) == [] and flow.sweep(now=16.5, limit=15.0) == [b"a"]
     for tracker in trackers:
         tracker.done = True
-    flow.sweep()
+    assert flow.sweep(now=17.0, limit=15.0) == []
     assert len(flow) == 0 and flow.in_flight(b"a") == 0
 
 
