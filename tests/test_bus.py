@@ -313,3 +313,16 @@ def test_undeliverable_notices_fail_only_a_request_to_that_destination():
     cell._on_undeliverable(notice(b"server"))
     with pytest.raises(UnreachableError):
         pending.result(1)
+
+
+def test_a_full_worker_pool_answers_busy_at_once(broker_address, cell, monkeypatch):
+    monkeypatch.setattr("fedstream.nodes.cell._MAX_QUEUED_CALLBACKS", 2)
+    release = threading.Event()
+    with Cell("slow", broker_address, workers=1) as slow:
+        slow.register_request_cb("test", "block", lambda m: release.wait(10) and "done")
+        pending = [cell.request_async("test", "block", "slow", i) for i in range(4)]
+        with pytest.raises(RemoteError, match="busy"):
+            pending[3].result(10)
+        release.set()
+        assert [p.result(10).payload for p in pending[:2]] == ["done", "done"]
+        assert slow.stats["busy"] >= 1
