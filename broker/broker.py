@@ -5,15 +5,15 @@ The routing thread reads every message from the ROUTER, dispatches it by command
 NOBLOCK and a full or vanished peer gets its message dropped with an `undeliverable`
 answer to the sender. Hostile input cannot stop it:
 
-- every header frame is bounded before it is looked at (FQCN 255 bytes, hello and meta
-  `MAX_HEADER_SIZE`); an oversize meta is answered with a short error and never echoed;
+- every header frame is bounded before it is looked at (FQCN 255 bytes, hello
+  `MAX_HELLO_SIZE`, meta `MAX_HEADER_SIZE`); an oversize meta is answered with a short error and never echoed;
 - JSON is decoded only by the bounded decoder in `common/protocol.py`;
 - any exception while handling one message is counted (`stats["errors"]`), logged at most
   once per peer per minute, and the loop goes on with the next message;
 - queues are bounded in bytes: on the ROUTER, a peer holds at most `_PEER_BYTES` of large
   messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
   `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks of
-  the one stream it follows: the fan-out applies only subscriptions to a whole stream id,
+  the streams it follows: the fan-out applies only subscriptions to a whole stream id,
   so nobody receives every stream (or streams whose random id it was not told); a node
   that leaves a large message unread for `_STUCK_PEER` seconds is dropped from the registry
   (it is told "not registered" on its next message and may register again).
@@ -328,7 +328,7 @@ class Broker:
             return self._malformed(identity, f"a name of {len(frames[2])} bytes is too long")
         try:
             fqcn = frames[2].bytes.decode("ascii")
-            hello = proto.decode_object(frames[3].buffer)
+            hello = proto.decode_object(frames[3].buffer, limit=proto.MAX_HELLO_SIZE)
         except (UnicodeDecodeError, proto.ProtocolError) as exc:
             return self._malformed(identity, f"bad register frames: {exc}")
         version = hello.get("v")

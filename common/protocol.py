@@ -37,6 +37,8 @@ MAX_MESSAGE_SIZE = 80 * 1024 * 1024
 # Largest header frame (FQCN, hello, meta): the broker answers a larger one with a short
 # error and never echoes it; a Cell refuses to send one.
 MAX_HEADER_SIZE = 64 * 1024
+# Largest hello frame of a registration (the broker decodes it on its routing thread).
+MAX_HELLO_SIZE = 4 * 1024
 # Largest JSON payload of a Cell message (bytes payloads may use the whole message size):
 # decoding is the costly part, so it is bounded well below MAX_MESSAGE_SIZE.
 MAX_JSON_PAYLOAD = 1024 * 1024
@@ -67,9 +69,9 @@ def decode_json(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> Any
         raise ProtocolError(f"bad JSON header: {type(exc).__name__}") from None
 
 
-def decode_object(data: "bytes | memoryview") -> dict:
+def decode_object(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> dict:
     """Decode a JSON header that must be an object."""
-    value = decode_json(data)
+    value = decode_json(data, limit)
     if not isinstance(value, dict):
         raise ProtocolError("header is not a JSON object")
     return value

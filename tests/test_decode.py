@@ -151,3 +151,10 @@ def test_peer_errors_log_once_per_peer_per_interval():
     assert not errors.record("c", 2.0)  # too many peers remembered: counted, not logged
     assert errors.record("a", 61.0) and errors.record("c", 62.0)
     assert errors.total == 6
+
+
+def test_hello_frames_have_their_own_small_limit():
+    hello = proto.encode_json({"v": 1, "pad": "x" * proto.MAX_HELLO_SIZE})
+    assert proto.decode_object(hello)["v"] == 1
+    with pytest.raises(proto.ProtocolError, match="limit"):
+        proto.decode_object(hello, limit=proto.MAX_HELLO_SIZE)
