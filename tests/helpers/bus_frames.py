@@ -134,7 +134,7 @@ def broker_frames(rng: random.Random) -> list[bytes]:
     if roll == 4:
         return [proto.SEND, b"site-1", hostile_json(rng), b"p", b"extra", b"frames"]
     if roll == 5:
-        return [proto.HEARTBEAT, os.urandom(4)]
+        return [rng.choice([proto.HEARTBEAT, proto.BYE]), os.urandom(4)]
     if roll == 6:
         return [bytes([rng.randrange(256)]) + bytes([rng.randrange(256)]), b"x"]
     if roll == 7:
