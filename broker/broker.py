@@ -1,4 +1,23 @@
-"""Broker: a ROUTER that routes FQCN-addressed messages, plus the XSUB/XPUB fan-out pair."""
+"""Broker: a ROUTER that routes FQCN-addressed messages, plus the XSUB/XPUB fan-out pair.
+
+The routing thread reads every message from the ROUTER, dispatches it by command
+(register, heartbeat, send, bye), sweeps expired nodes, and never blocks: sends use
+NOBLOCK and a full or vanished peer gets its message dropped with an `undeliverable`
+answer to the sender. Hostile input cannot stop it:
+
+- every header frame is bounded before it is looked at (FQCN 255 bytes, hello
+  `MAX_HELLO_SIZE`, meta `MAX_HEADER_SIZE`); an oversize meta is answered with a short error and never echoed;
+- JSON is decoded only by the bounded decoder in `common/protocol.py`;
+- any exception while handling one message is counted (`stats["errors"]`), logged at most
+  once per peer per minute, and the loop goes on with the next message;
+- queues are bounded in bytes: on the ROUTER, a peer holds at most `_PEER_BYTES` of large
+  messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
+  `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks of
+  the streams it follows: the fan-out applies only subscriptions to a whole stream id,
+  so nobody receives every stream (or streams whose random id it was not told); a node
+  that leaves a large message unread for `_STUCK_PEER` seconds is dropped from the registry
+  (it is told "not registered" on its next message and may register again).
+"""
 
 import logging
 import threading
@@ -8,10 +27,12 @@ from typing import Optional
 
 import zmq
 
+from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
-from fedstream.common.fqcn import is_valid_fqcn
+from fedstream.common.fqcn import MAX_FQCN_LENGTH, is_valid_fqcn
+from fedstream.common.peerlog import PeerErrors
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +41,12 @@ DEFAULT_NODE_TIMEOUT = 5.0
 _POLL_MS = 200
 _SWEEP_INTERVAL = 0.5
 _DRAIN_BATCH = 256
-_FANOUT_HWM = 1000
-_ROUTER_HWM = 1000  # messages queued per peer before the broker answers "not keeping up"
+_FANOUT_HWM = 32  # chunks queued per subscriber (twice the push window at 1 MiB chunks); beyond: dropped, repaired
+_ROUTER_HWM = 1000  # messages queued per peer (only small ones: large ones are bounded in bytes)
+_ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest back at the sender
+_PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
+_STUCK_PEER = 15.0  # seconds a node may leave a large message unread before the broker drops it
+_ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
 
 
 def _reachable_host(host: str) -> str:
@@ -47,6 +72,8 @@ class Broker:
         self._ctx = context or zmq.Context()
         self.registry = Registry(node_timeout)
         self.stats: Counter = Counter()
+        self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
+        self._outflow = OutFlow(_PEER_BYTES)
         self._router: Optional[zmq.Socket] = None
         self._xsub: Optional[zmq.Socket] = None
         self._xpub: Optional[zmq.Socket] = None
@@ -115,7 +142,7 @@ class Broker:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
         router.setsockopt(zmq.SNDHWM, _ROUTER_HWM)
-        router.setsockopt(zmq.RCVHWM, _ROUTER_HWM)
+        router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         router.linger = 0
@@ -134,6 +161,7 @@ class Broker:
         xsub.linger = 0
         xpub = self._xpub = self._ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
+        xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions pass through _apply_subscriptions
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         xpub.linger = 0
@@ -157,11 +185,46 @@ class Broker:
 
     # -- fan-out ---------------------------------------------------------------------------
     def _fanout_loop(self) -> None:
-        try:
-            zmq.proxy_steerable(self._xsub, self._xpub, None, self._ctrl)
-        except zmq.ZMQError as exc:
-            if not self._stop.is_set():
-                log.error("fan-out proxy stopped: %s", exc)
+        """Forward chunks XSUB -> XPUB; apply only subscriptions to one whole stream id."""
+        xsub, xpub, ctrl = self._xsub, self._xpub, self._ctrl
+        assert xsub is not None and xpub is not None
+        poller = zmq.Poller()
+        for sock in (xsub, xpub, ctrl):
+            poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                events = dict(poller.poll(_POLL_MS))
+                if ctrl in events:
+                    return
+                if xpub in events:
+                    self._apply_subscriptions(xpub)
+                if xsub in events:
+                    for _ in range(_DRAIN_BATCH):
+                        try:
+                            frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)  # a full subscriber drops
+            except zmq.ZMQError as exc:
+                if self._stop.is_set():
+                    return
+                self.stats["fanout_errors"] += 1
+                log.error("fan-out: %s", exc)
+            except Exception as exc:  # one message must never stop the fan-out
+                self.stats["fanout_errors"] += 1
+                log.error("fan-out dropped a message: %s: %s", type(exc).__name__, exc)
+
+    def _apply_subscriptions(self, xpub: zmq.Socket) -> None:
+        """Apply subscriptions to whole stream ids only: never a prefix, so never every stream."""
+        for _ in range(_DRAIN_BATCH):
+            try:
+                message = xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(message) != 1 + proto.STREAM_ID_LENGTH or message[0] not in (0, 1):
+                self.stats["refused_subscriptions"] += 1
+                continue
+            xpub.setsockopt(zmq.SUBSCRIBE if message[0] else zmq.UNSUBSCRIBE, message[1:])
 
     # -- routing ---------------------------------------------------------------------------
     def _route_loop(self) -> None:
@@ -177,18 +240,51 @@ class Broker:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    try:
+                        self._handle(frames)
+                    except Exception as exc:  # one message must never stop the routing
+                        self._failed(frames, exc)
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
+                for identity in self._outflow.sweep(now, _STUCK_PEER):
+                    entry = self.registry.remove_identity(identity)
+                    if entry is not None:
+                        log.warning("node '%s' dropped: it read nothing for %g s", entry.fqcn, _STUCK_PEER)
                 for entry in self.registry.expire(now):
                     log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
                                 self.registry.node_timeout)
 
+    def _failed(self, frames: list, exc: Exception) -> None:
+        """Count a message whose handling raised; log it at most once per peer per minute."""
+        self.stats["errors"] += 1
+        identity = frames[0].bytes if frames else b""
+        entry = self.registry.entry_of(identity)
+        peer = entry.fqcn if entry is not None else identity.hex()
+        if self._peer_errors.record(peer, monotonic()):
+            log.warning("dropped a message from %s that could not be handled: %s: %s "
+                        "(further ones from this peer are logged once a minute)",
+                        peer, type(exc).__name__, str(exc)[:200])
+
     def _send(self, frames: list) -> "str | None":
         """Send without ever blocking; return why it failed, or None."""
+        router = self._router
+        assert router is not None
+        identity = frames[0]
+        size = sum(len(frame) for frame in frames[1:])
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)  # type: ignore[union-attr]
+            if size < TRACK_MIN:
+                router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                return None
+            if not self._outflow.admit(identity, size):
+                self.stats["dropped_full"] += 1
+                return "busy"
+            for frame in frames[:-1]:
+                router.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
+            last = frames[-1]
+            tracked = zmq.Frame(last.buffer if isinstance(last, zmq.Frame) else last, track=True, copy=False)
+            tracker = router.send(tracked, zmq.NOBLOCK, copy=False, track=True)
+            self._outflow.sent(identity, size, tracker, monotonic())
             return None
         except zmq.Again:
             self.stats["dropped_busy"] += 1
@@ -201,7 +297,9 @@ class Broker:
 
     def _malformed(self, identity: bytes, why: str) -> None:
         self.stats["malformed"] += 1
-        log.debug("dropped a malformed message from connection %s: %s", identity.hex(), why)
+        if self._peer_errors.record(identity.hex(), monotonic()):
+            log.warning("dropped a malformed message from connection %s: %s "
+                        "(further ones from this connection are logged once a minute)", identity.hex(), why)
 
     def _handle(self, frames: list) -> None:
         identity = frames[0].bytes
@@ -227,20 +325,24 @@ class Broker:
     def _handle_register(self, identity: bytes, frames: list, now: float) -> None:
         if len(frames) != 4:
             return self._malformed(identity, "register needs a name and a hello frame")
+        if len(frames[2]) > MAX_FQCN_LENGTH:
+            return self._malformed(identity, f"a name of {len(frames[2])} bytes is too long")
         try:
             fqcn = frames[2].bytes.decode("ascii")
-            hello = proto.decode_object(frames[3].bytes)
+            hello = proto.decode_object(frames[3].buffer, limit=proto.MAX_HELLO_SIZE)
         except (UnicodeDecodeError, proto.ProtocolError) as exc:
             return self._malformed(identity, f"bad register frames: {exc}")
-        if hello.get("v") != proto.VERSION:
-            reason = f"protocol version {hello.get('v')!r} is not supported (broker speaks {proto.VERSION})"
+        version = hello.get("v")
+        if type(version) is not int or version != proto.VERSION:
+            reason = f"protocol version {repr(version)[:20]} is not supported (broker speaks {proto.VERSION})"
         elif not is_valid_fqcn(fqcn):
             reason = f"'{fqcn}' is not a valid FQCN"
         else:
             self._forget_if_disconnected(fqcn, identity)
             reason = self.registry.register(fqcn, identity, now)
         if reason:
-            log.warning("refused registration of '%s': %s", fqcn, reason)
+            if self._peer_errors.record(identity.hex(), now):
+                log.warning("refused registration of '%s': %s", fqcn[:64], reason)
             self._send([identity, proto.REGISTERED, proto.REG_ERR, reason.encode()])
             return None
         log.info("node '%s' registered (%d connected)", fqcn, len(self.registry))
@@ -256,9 +358,16 @@ class Broker:
                 self.registry.release_name(fqcn)
 
     def _handle_send(self, identity: bytes, frames: list, now: float) -> None:
-        if len(frames) < 4:
-            return self._malformed(identity, "message needs a destination and a meta frame")
+        if len(frames) not in (4, 5):
+            return self._malformed(identity, "message needs a destination, a meta frame and at most one payload")
         destination, meta = frames[2], frames[3]
+        if len(destination) > MAX_FQCN_LENGTH or len(meta) > proto.MAX_HEADER_SIZE:
+            # Answer with a short error; never echo (and so never queue) a large frame.
+            self.stats["oversize"] += 1
+            self._malformed(identity, "oversize destination or meta frame")
+            self._send([identity, proto.UNDELIVERABLE, bytes(destination.buffer[:MAX_FQCN_LENGTH]), b"{}",
+                        f"a header frame exceeds the {proto.MAX_HEADER_SIZE}-byte limit".encode()])
+            return None
         source = self.registry.touch(identity, now)
         if source is None:
             self._send([identity, proto.NOT_REGISTERED])

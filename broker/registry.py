@@ -44,6 +44,10 @@ class Registry:
     def lookup(self, fqcn: str) -> "NodeEntry | None":
         return self._by_fqcn.get(fqcn)
 
+    def entry_of(self, identity: bytes) -> "NodeEntry | None":
+        """The node registered on `identity`, without counting it as activity."""
+        return self._by_identity.get(identity)
+
     def remove_identity(self, identity: bytes) -> "NodeEntry | None":
         entry = self._by_identity.pop(identity, None)
         if entry is not None and self._by_fqcn.get(entry.fqcn) is entry:

@@ -3,10 +3,16 @@
 Every message on the ROUTER path starts with a 2-byte command frame: the protocol version
 followed by one ASCII operation letter. Headers are JSON; payload frames are raw bytes and
 the broker never looks at them. Nothing here is ever unpickled.
+
+Every JSON header from a peer is decoded by `decode_json`/`decode_object`, which bound the
+size, nesting depth and integer length (see `common/safejson.py`) and raise only
+ProtocolError: a receive loop that catches it survives any bytes.
 """
 
 import json
 from typing import Any
+
+from fedstream.common import safejson
 
 VERSION = 1
 
@@ -28,8 +34,17 @@ REG_ERR = b"err"
 
 # Largest message the broker or a Cell accepts from a peer.
 MAX_MESSAGE_SIZE = 80 * 1024 * 1024
-# Largest header (JSON) a Cell accepts.
+# Largest header frame (FQCN, hello, meta): the broker answers a larger one with a short
+# error and never echoes it; a Cell refuses to send one.
 MAX_HEADER_SIZE = 64 * 1024
+# Largest hello frame of a registration (the broker decodes it on its routing thread).
+MAX_HELLO_SIZE = 4 * 1024
+# Largest JSON payload of a Cell message (bytes payloads may use the whole message size):
+# decoding is the costly part, so it is bounded well below MAX_MESSAGE_SIZE.
+MAX_JSON_PAYLOAD = 1024 * 1024
+# Nesting depth and integer length allowed in any JSON from a peer.
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT_DIGITS = 64
 
 # Push data path: fixed-length stream ids are the PUB/SUB topics.
 STREAM_ID_LENGTH = 16
@@ -45,18 +60,18 @@ def encode_json(value: Any) -> bytes:
 
 
 def decode_json(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> Any:
-    """Decode a JSON header; raise ProtocolError if it is too large or malformed."""
-    if len(data) > limit:
-        raise ProtocolError(f"header of {len(data)} bytes exceeds the {limit}-byte limit")
+    """Decode JSON from a peer; raise ProtocolError (and nothing else) unless it is within the limits."""
     try:
-        return json.loads(bytes(data))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"malformed JSON header: {exc}") from None
+        return safejson.decode(data, limit, MAX_JSON_DEPTH, MAX_JSON_INT_DIGITS)
+    except safejson.JsonLimitError as exc:
+        raise ProtocolError(f"bad JSON header: {exc}") from None
+    except Exception as exc:  # defensive: no input may raise anything but ProtocolError
+        raise ProtocolError(f"bad JSON header: {type(exc).__name__}") from None
 
 
-def decode_object(data: "bytes | memoryview") -> dict:
+def decode_object(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> dict:
     """Decode a JSON header that must be an object."""
-    value = decode_json(data)
+    value = decode_json(data, limit)
     if not isinstance(value, dict):
         raise ProtocolError("header is not a JSON object")
     return value

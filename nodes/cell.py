@@ -1,10 +1,36 @@
-"""Cell: a node's connection to the broker, with request/reply and one-way messages."""
+"""Cell: a node's connection to the broker, with request/reply and one-way messages.
 
-import itertools
+Threading rule (every change to this module follows it):
+
+1. **One I/O thread owns the broker connection.** It creates the DEALER and the outbox
+   PULL socket itself, is the only thread that touches them, and closes them itself when
+   it ends. Other threads hand it messages through the outbox PUSH socket, which they use
+   only under `_send_lock` (the lock gives ZeroMQ the memory barrier it needs to use a
+   socket from several threads); `stop()` closes that one.
+2. **No disk I/O and no user code on the I/O thread.** It moves frames, decodes headers
+   with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
+   Request callbacks run in the Cell's pool: a bounded ThreadPoolExecutor (`workers`
+   threads, at most `_MAX_QUEUED_CALLBACKS` calls or `_MAX_QUEUED_BYTES` waiting; beyond
+   that a request is answered "busy" at once) — never a new thread per message.
+   `register_request_cb(..., inline=True)` runs a callback on the I/O thread for the few
+   internal handlers that only record an event: such a callback must not block, wait or
+   touch the disk, or every message of the Cell waits with it.
+3. **Any exception from one message is contained.** The I/O thread drops the message,
+   counts it in `stats`, logs it at most once per peer per minute, and keeps serving.
+4. **`stop()` checks.** It joins the I/O thread with a timeout and logs an error if the
+   thread did not end (its sockets and the context are then left alone, not closed under it).
+
+Who may answer: a reply, an error reply or an `undeliverable` notice resolves a pending
+request only if it comes from (is about) the request's target, as stamped by the broker,
+and carries the request's id; ids are 64-bit random, so another node can neither guess
+nor reuse them. Anything else is ignored and counted in `stats["forged_replies"]`.
+"""
+
 import logging
+import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Optional, Union
@@ -22,16 +48,23 @@ from fedstream.common.errors import (
     UnreachableError,
 )
 from fedstream.common.fqcn import validate_fqcn
-from fedstream.nodes.message import PAYLOAD_NONE, Message, Reply, encode_payload
+from fedstream.common.peerlog import PeerErrors
+from fedstream.nodes.message import (
+    KIND_ERROR,
+    KIND_ONE_WAY,
+    KIND_REPLY,
+    KIND_REQUEST,
+    Message,
+    Meta,
+    Reply,
+    decode_meta,
+    encode_meta,
+    encode_payload,
+)
 
 log = logging.getLogger(__name__)
 
 RequestCallback = Callable[[Message], Any]
-
-KIND_REQUEST = "req"
-KIND_REPLY = "rep"
-KIND_ERROR = "err"
-KIND_ONE_WAY = "ff"
 
 DEFAULT_HEARTBEAT = 1.0
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
@@ -40,6 +73,12 @@ _REGISTER_RETRY = 0.1  # seconds between registration attempts while not registe
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
+_JOIN_TIMEOUT = 5.0  # seconds stop() waits for the I/O thread
+_MAX_QUEUED_CALLBACKS = 1024  # callbacks waiting for or running in the pool
+_MAX_QUEUED_BYTES = 64 << 20  # payload bytes held by those callbacks
+_ERROR_LOG_INTERVAL = 60.0
+# What the command, destination and framing add to a message, next to meta and payload.
+_ENVELOPE = 2 + 256
 
 
 class PendingRequest:
@@ -86,7 +125,12 @@ class Cell:
         self._handlers: dict[tuple[str, str], tuple[RequestCallback, bool]] = {}
         self._pending: dict[int, PendingRequest] = {}
         self._pending_lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self.stats: Counter = Counter()
+        self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
+        self._handler_errors = PeerErrors(_ERROR_LOG_INTERVAL)
+        self._queued_lock = threading.Lock()
+        self._queued_calls = 0
+        self._queued_bytes = 0
         self._send_lock = threading.Lock()
         self._stop = threading.Event()
         self._registered = threading.Event()
@@ -109,24 +153,11 @@ class Cell:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}.")
         self._stop.clear()
-        dealer = self._dealer = self.context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
-        dealer.setsockopt(zmq.SNDHWM, _OUT_HWM)
-        dealer.setsockopt(zmq.RCVHWM, _OUT_HWM)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        dealer.connect(self.broker)
-        endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
-        self._out_pull = self.context.socket(zmq.PULL)
-        self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
-        self._out_pull.bind(endpoint)
+        self._outbox_endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
         self._out_push = self.context.socket(zmq.PUSH)
         self._out_push.setsockopt(zmq.SNDHWM, _OUT_HWM)
         self._out_push.setsockopt(zmq.SNDTIMEO, 10_000)
-        self._out_push.connect(endpoint)
+        self._out_push.connect(self._outbox_endpoint)  # inproc may connect before the I/O thread binds
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
@@ -153,6 +184,27 @@ class Cell:
         finally:
             self._stopping = False
 
+    def _open_sockets(self) -> None:
+        """Create the broker connection and the outbox end; called on the I/O thread, which owns them."""
+        dealer = self._dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
+        dealer.setsockopt(zmq.SNDHWM, _OUT_HWM)
+        dealer.setsockopt(zmq.RCVHWM, _OUT_HWM)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        dealer.connect(self.broker)
+        self._out_pull = self.context.socket(zmq.PULL)
+        self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
+        self._out_pull.bind(self._outbox_endpoint)
+
+    def _close_sockets(self) -> None:
+        """Close the I/O thread's sockets; called on the I/O thread as it ends."""
+        self._out_pull.close(linger=0)
+        self._dealer.close(linger=500)
+
     def _shutdown(self) -> None:
         assert self._thread is not None
         for hook in list(self._stop_hooks):
@@ -166,7 +218,11 @@ class Cell:
                 self._out_push.send(_WAKE, zmq.NOBLOCK)
             except zmq.Again:
                 pass
-        self._thread.join(5.0)
+        self._thread.join(_JOIN_TIMEOUT)
+        io_ended = not self._thread.is_alive()
+        if not io_ended:
+            log.error("cell '%s': its I/O thread did not end within %g s; leaving its sockets open",
+                      self.fqcn, _JOIN_TIMEOUT)
         self._thread = None
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -176,12 +232,10 @@ class Cell:
             if not request.future.done():
                 request.future.set_exception(CellError(f"Cell '{self.fqcn}' stopped."))
         self._out_push.close(linger=0)
-        self._out_pull.close(linger=0)
-        self._dealer.close(linger=500)
         self._registered.clear()
         self._reg_answer.clear()
         self._fanout = {}
-        if self._own_context:
+        if self._own_context and io_ended:
             self.context.term()
 
     def __enter__(self) -> "Cell":
@@ -216,7 +270,9 @@ class Cell:
         """Call `cb(message)` for requests and one-way messages on (channel, topic); `*` matches any topic.
 
         The callback's return value (bytes, a JSON value, None or a Reply) is the reply payload.
-        Callbacks run in a worker pool; `inline=True` runs a fast, non-blocking one on the I/O thread.
+        Callbacks run in the Cell's bounded worker pool. `inline=True` runs the callback on the
+        I/O thread instead: it must return at once and must not block, wait on a reply or do
+        disk I/O, or every message of the Cell waits with it (see the module's threading rule).
         """
         if not isinstance(channel, str) or not channel or not isinstance(topic, str) or not topic:
             raise ValueError("channel and topic must be non-empty strings.")
@@ -248,9 +304,9 @@ class Cell:
                       headers: Optional[dict] = None) -> PendingRequest:
         """Send a request without waiting; the returned PendingRequest gives the reply."""
         validate_fqcn(target)
-        request_id = next(self._ids)
-        pending = PendingRequest(self, request_id, target)
         with self._pending_lock:
+            request_id = self._new_request_id()
+            pending = PendingRequest(self, request_id, target)
             self._pending[request_id] = pending
         try:
             self._send_message(target, KIND_REQUEST, channel, topic, payload, headers, request_id)
@@ -266,17 +322,32 @@ class Cell:
             validate_fqcn(target)
             self._send_message(target, KIND_ONE_WAY, channel, topic, payload, headers, 0)
 
+    def _new_request_id(self) -> int:
+        """A 64-bit random id no other node can guess; called under `_pending_lock`."""
+        while True:
+            request_id = secrets.randbits(64)
+            if request_id and request_id not in self._pending:
+                return request_id
+
     def _send_message(self, target: str, kind: str, channel: str, topic: str, payload: Any,
                       headers: Optional[dict], request_id: int) -> None:
         if self._thread is None:
             raise CellError(f"Cell '{self.fqcn}' is not started.")
+        self._post(self._encode(target, kind, channel, topic, payload, headers, request_id))
+
+    @staticmethod
+    def _encode(target: str, kind: str, channel: str, topic: str, payload: Any,
+                headers: Optional[dict], request_id: int) -> list:
+        """The frames of one message; ValueError (saying "too large") if the broker would refuse it."""
         if isinstance(payload, Reply):
             headers, payload = payload.headers, payload.payload
         ptype, frames = encode_payload(payload)
-        meta = {"k": kind, "id": request_id, "ch": channel, "tp": topic, "pt": ptype}
-        if headers:
-            meta["h"] = headers
-        self._post([proto.SEND, target.encode(), proto.encode_json(meta), *frames])
+        meta = encode_meta(Meta(kind, request_id, channel, topic, ptype, headers or {}))
+        size = _ENVELOPE + len(meta) + sum(_frame_size(frame) for frame in frames)
+        if size > proto.MAX_MESSAGE_SIZE:
+            raise ValueError(f"Message to '{target}' is too large: {size} bytes, the broker accepts at most "
+                             f"{proto.MAX_MESSAGE_SIZE} bytes per message.")
+        return [proto.SEND, target.encode(), meta, *frames]
 
     def _post(self, frames: list) -> None:
         if threading.current_thread() is self._thread:
@@ -292,10 +363,20 @@ class Cell:
         with self._pending_lock:
             self._pending.pop(request_id, None)
 
-    def _resolve(self, request_id: int, result: Any = None, error: Optional[BaseException] = None) -> None:
+    def _resolve(self, request_id: int, source: str, result: Any = None,
+                 error: Optional[BaseException] = None) -> None:
+        """Complete a pending request, but only from (or about) the node it was sent to."""
         with self._pending_lock:
-            pending = self._pending.pop(request_id, None)
-        if pending is None or pending.future.done():
+            pending = self._pending.get(request_id)
+            if pending is None or pending.target != source:
+                pending = None
+            else:
+                del self._pending[request_id]
+        if pending is None:
+            self.stats["forged_replies"] += 1
+            log.debug("cell '%s' ignored an answer from '%s' to no request of its own", self.fqcn, source)
+            return
+        if pending.future.done():
             return
         if error is not None:
             pending.future.set_exception(error)
@@ -338,14 +419,27 @@ class Cell:
         if len(frames) < 3 or bytes(frames[0]) != proto.SEND:
             return
         try:
-            meta = proto.decode_object(bytes(frames[2]))
-        except proto.ProtocolError:
+            meta = decode_meta(bytes(frames[2]))
+            target = bytes(frames[1]).decode("ascii")
+        except (proto.ProtocolError, UnicodeDecodeError):
             return
-        if meta.get("k") == KIND_REQUEST:
-            self._resolve(meta.get("id", 0), error=BrokerUnreachableError(
+        if meta.kind == KIND_REQUEST:
+            self._resolve(meta.request_id, target, error=BrokerUnreachableError(
                 f"Cell '{self.fqcn}' cannot reach the broker at {self.broker}."))
 
     def _io_loop(self) -> None:
+        try:
+            self._open_sockets()
+        except zmq.ZMQError as exc:
+            self._reg_reason = f"cannot open the connection: {exc}"
+            self._reg_answer.set()
+            return
+        try:
+            self._serve()
+        finally:
+            self._close_sockets()
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         self._register_with_broker()
         last_heard = time.monotonic()
@@ -377,7 +471,10 @@ class Cell:
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
-                    self._from_broker(frames)
+                    try:
+                        self._from_broker(frames)
+                    except Exception as exc:  # one message must never stop the I/O thread
+                        self._dropped(frames, exc)
             now = time.monotonic()
             if now >= next_beat:
                 if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._hb_interval:
@@ -413,68 +510,74 @@ class Cell:
     def _register_with_broker(self) -> None:
         self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json({"v": proto.VERSION})])
 
+    def _dropped(self, frames: list, exc: Exception) -> None:
+        """Count a message that could not be handled; log it at most once per sender per minute."""
+        self.stats["dropped"] += 1
+        peer = "the broker"
+        if len(frames) > 1 and frames[0].bytes == proto.DELIVER and len(frames[1]) <= 255:
+            peer = "'" + frames[1].bytes.decode("ascii", "replace") + "'"
+        if self._peer_errors.record(peer, time.monotonic()):
+            log.warning("cell '%s' dropped a message from %s: %s: %s (further ones are logged once a minute)",
+                        self.fqcn, peer, type(exc).__name__, str(exc)[:200])
+
     def _from_broker(self, frames: list) -> None:
         cmd = frames[0].bytes
-        try:
-            if cmd == proto.DELIVER and len(frames) in (3, 4):
-                self._on_deliver(frames)
-            elif cmd == proto.UNDELIVERABLE and len(frames) == 4:
-                self._on_undeliverable(frames)
-            elif cmd == proto.REGISTERED and len(frames) == 3:
-                self._on_registered(frames)
-            elif cmd == proto.NOT_REGISTERED:
-                if self._registered.is_set():
-                    log.warning("broker at %s forgot cell '%s'; registering again", self.broker, self.fqcn)
-                    self._registered.clear()
-                    self._register_with_broker()
-            elif cmd != proto.HEARTBEAT_ACK:
-                log.debug("cell '%s' ignored an unknown frame %r from the broker", self.fqcn, cmd)
-        except (proto.ProtocolError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            log.warning("cell '%s' dropped a malformed message: %s", self.fqcn, exc)
+        if cmd == proto.DELIVER and len(frames) in (3, 4):
+            self._on_deliver(frames)
+        elif cmd == proto.UNDELIVERABLE and len(frames) == 4:
+            self._on_undeliverable(frames)
+        elif cmd == proto.REGISTERED and len(frames) == 3:
+            self._on_registered(frames)
+        elif cmd == proto.NOT_REGISTERED:
+            if self._registered.is_set():
+                log.warning("broker at %s forgot cell '%s'; registering again", self.broker, self.fqcn)
+                self._registered.clear()
+                self._register_with_broker()
+        elif cmd != proto.HEARTBEAT_ACK:
+            raise proto.ProtocolError(f"unknown command {bytes(cmd[:8])!r} with {len(frames)} frames")
 
     def _on_registered(self, frames: list) -> None:
         status = frames[1].bytes
         if status == proto.REG_OK:
+            info = proto.decode_object(frames[2].buffer)
+            if not all(type(info.get(key)) is int and 0 < info[key] < 65536 for key in ("xsub_port", "xpub_port")):
+                raise proto.ProtocolError("the registration answer lacks the fan-out ports")
             self._reg_reason = None
-            self._fanout = proto.decode_object(frames[2].bytes)
+            self._fanout = info
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
             self._registered.set()
         else:
-            reason = frames[2].bytes.decode("utf-8", "replace")
+            reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")
             if reason != self._reg_reason:
                 log.error("broker refused cell '%s': %s", self.fqcn, reason)
             self._reg_reason = reason
         self._reg_answer.set()
 
     def _on_undeliverable(self, frames: list) -> None:
-        destination = frames[1].bytes.decode("ascii", "replace")
-        meta = proto.decode_object(frames[2].bytes)
-        reason = frames[3].bytes.decode("utf-8", "replace")
-        if meta.get("k") == KIND_REQUEST:
+        destination = frames[1].bytes.decode("ascii")
+        reason = bytes(frames[3].buffer[:1024]).decode("utf-8", "replace")
+        meta = decode_meta(frames[2].buffer)
+        if meta.kind == KIND_REQUEST:
             error_type = UnreachableError if "not connected" in reason else BrokerUnreachableError
-            self._resolve(meta.get("id", 0), error=error_type(f"Cannot deliver to '{destination}': {reason}."))
-        elif meta.get("k") == KIND_ONE_WAY:
+            self._resolve(meta.request_id, destination,
+                          error=error_type(f"Cannot deliver to '{destination}': {reason}."))
+        elif meta.kind == KIND_ONE_WAY:
             log.warning("cell '%s' could not deliver a message to '%s': %s", self.fqcn, destination, reason)
         else:  # a reply to a requester that left or gave up
             log.debug("cell '%s' could not deliver a reply to '%s': %s", self.fqcn, destination, reason)
 
     def _on_deliver(self, frames: list) -> None:
         source = frames[1].bytes.decode("ascii")
-        meta = proto.decode_object(frames[2].bytes)
-        kind = meta["k"]
-        headers = meta.get("h") or {}
-        if not isinstance(headers, dict):
-            raise proto.ProtocolError("headers are not an object")
+        meta = decode_meta(frames[2].buffer)
         frame = frames[3] if len(frames) == 4 else None
-        message = Message(source, str(meta.get("ch", "")), str(meta.get("tp", "")), headers,
-                          meta.get("pt", PAYLOAD_NONE), frame)
-        if kind == KIND_REPLY:
-            self._resolve(meta["id"], result=message)
-        elif kind == KIND_ERROR:
-            self._resolve(meta["id"], error=RemoteError(f"'{source}' answered: {message.payload}"))
-        elif kind in (KIND_REQUEST, KIND_ONE_WAY):
-            self._dispatch(message, meta["id"] if kind == KIND_REQUEST else 0)
+        message = Message(source, meta.channel, meta.topic, meta.headers, meta.ptype, frame)
+        if meta.kind == KIND_REPLY:
+            self._resolve(meta.request_id, source, result=message)
+        elif meta.kind == KIND_ERROR:
+            self._resolve(meta.request_id, source, error=RemoteError(f"'{source}' answered: {_error_text(message)}"))
+        else:
+            self._dispatch(message, meta.request_id if meta.kind == KIND_REQUEST else 0)
 
     def _dispatch(self, message: Message, request_id: int) -> None:
         entry = self._handlers.get((message.channel, message.topic)) or self._handlers.get((message.channel, "*"))
@@ -488,32 +591,76 @@ class Cell:
         callback, inline = entry
         if inline:
             self._run_callback(callback, message, request_id)
-        elif self._executor is not None:
-            self._executor.submit(self._run_callback, callback, message, request_id)
+            return
+        size = message.buffer.nbytes
+        with self._queued_lock:
+            full = (self._queued_calls >= _MAX_QUEUED_CALLBACKS
+                    or (self._queued_calls and self._queued_bytes + size > _MAX_QUEUED_BYTES))
+            if not full:
+                self._queued_calls += 1
+                self._queued_bytes += size
+        if full or self._executor is None:
+            self.stats["busy"] += 1
+            if request_id:
+                self._reply(message, request_id, KIND_ERROR, f"'{self.fqcn}' is busy: too many requests waiting")
+            return
+        try:
+            self._executor.submit(self._run_queued, callback, message, request_id, size)
+        except RuntimeError:  # the pool is shutting down with the cell
+            self._release(size)
+
+    def _release(self, size: int) -> None:
+        with self._queued_lock:
+            self._queued_calls -= 1
+            self._queued_bytes -= size
+
+    def _run_queued(self, callback: RequestCallback, message: Message, request_id: int, size: int) -> None:
+        try:
+            self._run_callback(callback, message, request_id)
+        finally:
+            self._release(size)
 
     def _run_callback(self, callback: RequestCallback, message: Message, request_id: int) -> None:
         try:
             result = callback(message)
         except Exception as exc:
-            log.exception("handler for %s/%s on '%s' failed", message.channel, message.topic, self.fqcn)
+            self.stats["handler_errors"] += 1
+            with self._queued_lock:
+                loud = self._handler_errors.record(message.source, time.monotonic())
+            if loud:  # a ValueError is a handler refusing bad input: no traceback for that
+                log.warning("handler for %s/%s on '%s' failed on a message from '%s': %s: %s (further failures "
+                            "for this sender are logged once a minute)", message.channel, message.topic,
+                            self.fqcn, message.source, type(exc).__name__, str(exc)[:200],
+                            exc_info=not isinstance(exc, ValueError))
             if request_id:
                 self._reply(message, request_id, KIND_ERROR, f"handler failed: {type(exc).__name__}: {exc}")
             return
         if request_id:
-            try:
-                self._reply(message, request_id, KIND_REPLY, result)
-            except ValueError as exc:
-                self._reply(message, request_id, KIND_ERROR, str(exc))
+            self._reply(message, request_id, KIND_REPLY, result)
 
     def _reply(self, message: Message, request_id: int, kind: str, result: Any) -> None:
-        headers = None
-        if isinstance(result, Reply):
-            headers, result = result.headers, result.payload
-        ptype, frames = encode_payload(result)
-        meta = {"k": kind, "id": request_id, "ch": message.channel, "tp": message.topic, "pt": ptype}
-        if headers:
-            meta["h"] = headers
+        """Answer a request; an answer that cannot be encoded becomes an error reply saying why."""
         try:
-            self._post([proto.SEND, message.source.encode(), proto.encode_json(meta), *frames])
+            frames = self._encode(message.source, kind, message.channel, message.topic, result, None, request_id)
+        except ValueError as exc:
+            frames = self._encode(message.source, KIND_ERROR, message.channel, message.topic,
+                                  f"the reply cannot be sent: {exc}", None, request_id)
+        try:
+            self._post(frames)
         except CellError as exc:
             log.warning("cell '%s' could not reply to '%s': %s", self.fqcn, message.source, exc)
+
+
+def _frame_size(frame: Any) -> int:
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    return len(frame)
+
+
+def _error_text(message: Message) -> str:
+    """The text of an error reply, whatever its payload (a peer may send anything)."""
+    try:
+        text = message.payload
+    except proto.ProtocolError:
+        text = None
+    return str(text)[:1000] if text is not None else "(no reason given)"

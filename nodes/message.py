@@ -1,4 +1,12 @@
-"""Messages as a Cell hands them to callbacks, and replies with headers."""
+"""The one codec of Cell messages: the meta header, payloads, and replies with headers.
+
+A Cell message on the wire is `[meta, payload?]` after the broker's command frames (see
+docs/PROTOCOL.md, "Cell messages"). `encode_meta`/`decode_meta` are the only code that
+builds or reads `meta`; `decode_meta` checks the type of every field, so a Cell only ever
+sees a well-formed `Meta` or a ProtocolError. `encode_payload` and `Message.payload` are
+the only code that turns payloads into frames and back; JSON payloads are bounded by
+`MAX_JSON_PAYLOAD` on both sides.
+"""
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -7,10 +15,20 @@ import zmq
 
 from fedstream.common import protocol as proto
 
+# message kinds in the meta header
+KIND_REQUEST = "req"
+KIND_REPLY = "rep"
+KIND_ERROR = "err"
+KIND_ONE_WAY = "ff"
+KINDS = frozenset((KIND_REQUEST, KIND_REPLY, KIND_ERROR, KIND_ONE_WAY))
+
 # payload types in the meta header
 PAYLOAD_NONE = "n"
 PAYLOAD_BYTES = "b"
 PAYLOAD_JSON = "j"
+PAYLOAD_TYPES = frozenset((PAYLOAD_NONE, PAYLOAD_BYTES, PAYLOAD_JSON))
+
+MAX_REQUEST_ID = 2**64 - 1
 
 
 # The one error convention of replies (push, pull, applications): a failed request is
@@ -41,18 +59,77 @@ def reply_error(headers: dict) -> Optional[tuple[str, str]]:
     return str(code), message if isinstance(message, str) else str(code)
 
 
+@dataclass
+class Meta:
+    """The decoded meta header of a Cell message."""
+
+    kind: str
+    request_id: int
+    channel: str
+    topic: str
+    ptype: str
+    headers: dict = field(default_factory=dict)
+
+
+def encode_meta(meta: Meta) -> bytes:
+    """The meta frame of a message; ValueError if it exceeds the broker's header limit."""
+    fields: dict[str, Any] = {"k": meta.kind, "id": meta.request_id, "ch": meta.channel, "tp": meta.topic,
+                              "pt": meta.ptype}
+    if meta.headers:
+        fields["h"] = meta.headers
+    try:
+        frame = proto.encode_json(fields)
+    except (TypeError, ValueError):
+        raise ValueError("Message headers must be a JSON object of JSON-compatible values.") from None
+    if len(frame) > proto.MAX_HEADER_SIZE:
+        raise ValueError(f"Message headers are too large: {len(frame)} bytes encoded, "
+                         f"the limit is {proto.MAX_HEADER_SIZE} bytes.")
+    return frame
+
+
+def _field(fields: dict, key: str, kind: type) -> Any:
+    value = fields.get(key)
+    if type(value) is not kind:
+        raise proto.ProtocolError(f"meta field '{key}' must be a {kind.__name__}")
+    return value
+
+
+def decode_meta(frame: "bytes | memoryview") -> Meta:
+    """Decode and type-check a meta frame from a peer; raise ProtocolError for anything else."""
+    fields = proto.decode_object(frame)
+    kind = _field(fields, "k", str)
+    if kind not in KINDS:
+        raise proto.ProtocolError(f"unknown message kind {kind[:16]!r}")
+    request_id = _field(fields, "id", int)
+    lowest = 0 if kind == KIND_ONE_WAY else 1
+    if not lowest <= request_id <= MAX_REQUEST_ID:
+        raise proto.ProtocolError("meta field 'id' is out of range")
+    channel, topic = _field(fields, "ch", str), _field(fields, "tp", str)
+    if not channel or not topic:
+        raise proto.ProtocolError("meta fields 'ch' and 'tp' must not be empty")
+    ptype = _field(fields, "pt", str)
+    if ptype not in PAYLOAD_TYPES:
+        raise proto.ProtocolError(f"unknown payload type {ptype[:16]!r}")
+    headers = _field(fields, "h", dict) if "h" in fields else {}
+    return Meta(kind, request_id, channel, topic, ptype, headers)
+
+
 def encode_payload(payload: Any) -> tuple[str, list]:
-    """Turn a payload into (payload type, frames); raise ValueError if it is neither bytes nor JSON."""
+    """Turn a payload into (payload type, frames); ValueError if it is neither bytes nor JSON, or too large."""
     if payload is None:
         return PAYLOAD_NONE, []
     if isinstance(payload, (bytes, bytearray, memoryview, zmq.Frame)):
         return PAYLOAD_BYTES, [payload]
     try:
-        return PAYLOAD_JSON, [proto.encode_json(payload)]
-    except (TypeError, ValueError):
+        frame = proto.encode_json(payload)
+    except (TypeError, ValueError, RecursionError):
         raise ValueError(
             f"Payload of type {type(payload).__name__} cannot be sent: use bytes or a JSON-compatible value."
         ) from None
+    if len(frame) > proto.MAX_JSON_PAYLOAD:
+        raise ValueError(f"JSON payload is too large: {len(frame)} bytes encoded, the limit is "
+                         f"{proto.MAX_JSON_PAYLOAD} bytes (send large data as bytes).")
+    return PAYLOAD_JSON, [frame]
 
 
 class Message:
@@ -80,7 +157,7 @@ class Message:
         if self._ptype == PAYLOAD_NONE or self._frame is None:
             return None
         if self._ptype == PAYLOAD_JSON:
-            return proto.decode_json(self._frame.buffer, limit=proto.MAX_MESSAGE_SIZE)
+            return proto.decode_json(self._frame.buffer, limit=proto.MAX_JSON_PAYLOAD)
         return self._frame.bytes
 
     def __repr__(self) -> str:

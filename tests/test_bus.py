@@ -3,38 +3,20 @@
 import os
 import signal
 import socket
+import sys
 import threading
 
 import pytest
 import zmq
 
 from fedstream.common import protocol as proto
-from fedstream.common.errors import RegistrationError, RemoteError, UnreachableError
-from fedstream.nodes import Cell, FLContext
+from fedstream.common.errors import RegistrationError, RemoteError, RequestTimeout, UnreachableError
+from fedstream.nodes import Cell, FLContext, PendingRequest
+from fedstream.nodes.message import KIND_REQUEST, PAYLOAD_NONE, Meta, encode_meta
 from tests.procs import wait_until
 
-ECHO_CELL = """
-import sys, time
-from fedstream.nodes import Cell
-
-def echo(message):
-    payload = message.payload
-    if isinstance(payload, bytes):
-        payload = payload.decode()
-    return {"source": message.source, "topic": message.topic, "payload": payload,
-            "headers": message.headers}
-
-cell = Cell(sys.argv[1], sys.argv[2])
-cell.register_request_cb("test", "*", echo)
-cell.start()
-print("ready", flush=True)
-while True:
-    time.sleep(1)
-"""
-
-
 def start_echo(procs, name, address):
-    proc = procs.python(ECHO_CELL, name, address)
+    proc = procs.start([sys.executable, "-m", "tests.helpers.bus_echo", name, address], cwd=str(procs.tmp_path))
     proc.expect("ready")
     return proc
 
@@ -264,3 +246,83 @@ def test_stop_may_be_called_again_from_a_stop_hook_or_a_handler(broker_address):
         cell.start()
         tester.fire_and_forget("test", "quit", "site-2", None)
         wait_until(lambda: not cell.is_registered, 10)
+
+
+def _registered_dealer(ctx, address, name):
+    sock = _raw_dealer(ctx, address)
+    sock.send_multipart([proto.REGISTER, name.encode(), proto.encode_json({"v": proto.VERSION})])
+    assert sock.recv_multipart()[:2] == [proto.REGISTERED, proto.REG_OK]
+    return sock
+
+
+def test_replies_are_accepted_only_from_the_node_asked(procs, broker_address, cell):
+    start_echo(procs, "server", broker_address)
+    ctx = zmq.Context()
+    try:
+        mallory = _registered_dealer(ctx, broker_address, "mallory")
+        pending = cell.request_async("test", "slow", "server", 1.5)
+        rid = pending.request_id  # as if mallory had guessed it
+        forged = [{"k": "rep", "id": rid, "ch": "test", "tp": "slow", "pt": "j"},
+                  {"k": "err", "id": rid, "ch": "test", "tp": "slow", "pt": "j"},
+                  {"k": "rep", "id": rid, "ch": "test", "tp": "slow", "pt": "n", "h": {"err": "x", "msg": "forged"}}]
+        for meta in forged:
+            mallory.send_multipart([proto.SEND, b"tester", proto.encode_json(meta), proto.encode_json("forged")])
+        wait_until(lambda: cell.stats["forged_replies"] >= len(forged), 10)
+        assert not pending.done()
+        reply = pending.result(10)
+        assert reply.source == "server" and reply.payload["payload"] == 1.5
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_request_ids_are_random_64_bit():
+    cell = Cell("ids", "tcp://127.0.0.1:1")  # never started: ids are drawn without a broker
+    ids = {cell._new_request_id() for _ in range(200)}
+    assert len(ids) == 200 and all(0 < i < 2**64 for i in ids)
+    assert max(ids) > 2**60  # not a counter
+
+
+def test_too_large_messages_fail_at_once(procs, broker_address, cell):
+    start_echo(procs, "site-1", broker_address)
+    with pytest.raises(ValueError, match="too large"):
+        cell.send_request("test", "ping", "site-1", b"x" * (proto.MAX_MESSAGE_SIZE + 1), timeout=60)
+    with pytest.raises(ValueError, match="too large"):
+        cell.send_request("test", "ping", "site-1", {"x": "y" * proto.MAX_JSON_PAYLOAD}, timeout=60)
+    with pytest.raises(ValueError, match="too large"):
+        cell.request("test", "ping", "site-1", headers={"h": "y" * proto.MAX_HEADER_SIZE}, timeout=60)
+    assert cell.send_request("test", "ping", "site-1", 1, timeout=10)["payload"] == 1
+
+
+def test_a_request_timeout_is_still_a_timeout(procs, broker_address, cell):
+    start_echo(procs, "server", broker_address)
+    with pytest.raises(RequestTimeout):
+        cell.send_request("test", "slow", "server", 3, timeout=0.5)
+
+
+def test_undeliverable_notices_fail_only_a_request_to_that_destination():
+    cell = Cell("tester", "tcp://127.0.0.1:1")  # never started: the handler is driven directly
+    pending = PendingRequest(cell, 42, "server")
+    cell._pending[42] = pending
+    meta = encode_meta(Meta(KIND_REQUEST, 42, "test", "ping", PAYLOAD_NONE))
+
+    def notice(destination: bytes) -> list:
+        return [zmq.Frame(f) for f in (proto.UNDELIVERABLE, destination, meta, destination + b" is not connected")]
+
+    cell._on_undeliverable(notice(b"other"))
+    assert not pending.done() and cell.stats["forged_replies"] == 1
+    cell._on_undeliverable(notice(b"server"))
+    with pytest.raises(UnreachableError):
+        pending.result(1)
+
+
+def test_a_full_worker_pool_answers_busy_at_once(broker_address, cell, monkeypatch):
+    monkeypatch.setattr("fedstream.nodes.cell._MAX_QUEUED_CALLBACKS", 2)
+    release = threading.Event()
+    with Cell("slow", broker_address, workers=1) as slow:
+        slow.register_request_cb("test", "block", lambda m: release.wait(10) and "done")
+        pending = [cell.request_async("test", "block", "slow", i) for i in range(4)]
+        with pytest.raises(RemoteError, match="busy"):
+            pending[3].result(10)
+        release.set()
+        assert [p.result(10).payload for p in pending[:2]] == ["done", "done"]
+        assert slow.stats["busy"] >= 1

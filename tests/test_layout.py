@@ -18,6 +18,9 @@ PACKAGES = {"broker": "fedstream.broker", "nodes": "fedstream.nodes", "common": 
 # Modules that hold protocol decisions only (the h11 style): no sockets, threads, clocks or files.
 SOCKET_FREE = [
     "fedstream.broker.registry",
+    "fedstream.broker.outflow",
+    "fedstream.common.safejson",
+    "fedstream.common.peerlog",
     "fedstream.nodes.push.window",
     "fedstream.nodes.push.assembly",
 ]
