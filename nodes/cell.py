@@ -22,6 +22,7 @@ from fedstream.common.errors import (
     UnreachableError,
 )
 from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.kits import Kit, PathLike, load_kit
 from fedstream.nodes.message import PAYLOAD_NONE, Message, Reply, encode_payload
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _REGISTER_RETRY = 0.1  # seconds between registration attempts while not registe
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class PendingRequest:
@@ -71,8 +74,13 @@ class Cell:
     """A named endpoint (FQCN) connected to the broker."""
 
     def __init__(self, fqcn: str, broker: str, context: Optional[zmq.Context] = None,
-                 heartbeat_interval: float = DEFAULT_HEARTBEAT, workers: int = 8) -> None:
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT, workers: int = 8,
+                 kit: Optional[PathLike] = None) -> None:
         self.fqcn = validate_fqcn(fqcn)
+        self.kit: Optional[Kit] = load_kit(kit) if kit is not None else None
+        if self.kit is not None and self.kit.name != self.fqcn:
+            raise ValueError(f"Cell '{self.fqcn}' cannot use kit {str(kit)!r}: its certificate is for "
+                             f"'{self.kit.name}'.")
         self.broker = broker
         self._broker_host, _ = split_tcp_address(broker)
         if heartbeat_interval <= 0:
@@ -118,6 +126,8 @@ class Cell:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.secure_socket(dealer)
+        monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILURES)
         dealer.connect(self.broker)
         endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
         self._out_pull = self.context.socket(zmq.PULL)
@@ -130,7 +140,11 @@ class Cell:
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
-        if not self._reg_answer.wait(timeout):
+        handshake_failed = self._await_registration(monitor, timeout)
+        if handshake_failed:
+            self.stop()
+            raise RegistrationError(self._handshake_failure())
+        if not self._reg_answer.is_set():
             self.stop()
             raise RegistrationError(f"The broker at {self.broker} did not answer within {timeout:g} s.")
         if not self._registered.is_set():
@@ -138,6 +152,35 @@ class Cell:
             self.stop()
             raise RegistrationError(f"The broker refused '{self.fqcn}': {reason}.")
         return self
+
+    def _await_registration(self, monitor: zmq.Socket, timeout: float) -> bool:
+        """Wait for the broker's answer to REGISTER; return True if the CURVE/ZMTP handshake failed."""
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._reg_answer.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if monitor.poll(int(min(remaining, 0.05) * 1000) + 1):
+                    return True
+            return False
+        finally:
+            self._dealer.disable_monitor()  # libzmq guards the monitor with its own lock
+            monitor.close(linger=0)
+
+    def _handshake_failure(self) -> str:
+        if self.kit is None:
+            return (f"The broker at {self.broker} refused the connection: it runs a secure federation "
+                    f"and '{self.fqcn}' needs a kit of its project (--kit or kit=).")
+        return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
+                f"project {self.kit.project} of kit {str(self.kit.path)!r} (or it runs without a kit).")
+
+    def secure_socket(self, sock: zmq.Socket) -> zmq.Socket:
+        """Make `sock` a CURVE client of the broker when this cell has a kit (call before connect)."""
+        if self.kit is not None:
+            for option, value in self.kit.client_options().items():
+                sock.setsockopt(option, value)
+        return sock
 
     def stop(self) -> None:
         """Leave the broker, fail pending requests, and release the sockets."""
@@ -411,7 +454,10 @@ class Cell:
                 self._to_broker(frames)
 
     def _register_with_broker(self) -> None:
-        self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json({"v": proto.VERSION})])
+        hello: dict = {"v": proto.VERSION}
+        if self.kit is not None:
+            hello["cert"] = self.kit.certificate_bytes.decode("ascii")
+        self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json(hello)])
 
     def _from_broker(self, frames: list) -> None:
         cmd = frames[0].bytes
