@@ -160,3 +160,28 @@ def test_forged_certificates_are_refused_by_the_broker(project, secure_broker, t
     assert status == proto.REG_ERR and "not signed by this project's root key" in reason
     dealer.close()
     assert os.path.isdir(project["site-1"])
+
+
+def test_provision_command_creates_then_keeps_kits(procs, tmp_path):
+    proj = tmp_path / "proj"
+    first = procs.fedstream("provision", "--project", str(proj), "broker", "site-1")
+    assert first.wait(30) == 0, first.stderr
+    assert first.remaining_stdout() == [f"created\tbroker\t{proj / 'broker'}", f"created\tsite-1\t{proj / 'site-1'}"]
+    before = (proj / "site-1" / "curve.key").read_bytes()
+    again = procs.fedstream("provision", "--project", str(proj), "site-1", "site-2")
+    assert again.wait(30) == 0, again.stderr
+    assert again.remaining_stdout() == [f"kept\tsite-1\t{proj / 'site-1'}", f"created\tsite-2\t{proj / 'site-2'}"]
+    assert (proj / "site-1" / "curve.key").read_bytes() == before
+    bad = procs.fedstream("provision", "--project", str(proj), "root")
+    assert "reserved" in one_line_error(bad)
+
+
+@pytest.mark.timeout(240)
+def test_simulate_secure_verifies_every_site(procs, tmp_path):
+    sim = procs.fedstream("simulate", "--sites", "2", "--size", "4M", "--secure", "--workdir", str(tmp_path))
+    assert sim.wait(200) == 0, sim.stderr
+    out = "\n".join(sim.remaining_stdout())
+    for mode in ("push", "pull"):
+        assert f"{mode} (secure): 2 sites x 4.0 MiB" in out, out
+    assert "all 2 sites verified in push, pull" in out
+    assert os.listdir(tmp_path) == []  # kits, files and logs removed

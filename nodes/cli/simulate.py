@@ -27,9 +27,10 @@ def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 @click.option("--chunk-size", default=str(DEFAULT_CHUNK_SIZE), callback=_size, help="Chunk size (default 1M).")
 @click.option("--workdir", type=click.Path(file_okay=False), help="Where files and logs go (default: a temp dir).")
 @click.option("--keep", is_flag=True, help="Keep the files and logs afterwards.")
+@click.option("--secure", is_flag=True, help="Provision a throwaway project and run every process with its kit.")
 @verbose_option
 def simulate_command(sites: int, size: int, mode: str, chunk_size: int, workdir: "str | None", keep: bool,
-                     verbose: int) -> None:
+                     secure: bool, verbose: int) -> None:
     """Start a broker, a server and N sites as processes; push a file, then serve one by RID.
 
     Exits 0 only if every site received every byte, verified by sha256.
@@ -52,8 +53,9 @@ def simulate_command(sites: int, size: int, mode: str, chunk_size: int, workdir:
         click.echo(text)
 
     modes = ["push", "pull"] if mode == "both" else [mode]
-    sim = Simulation(sites, size, modes, chunk_size, root, say, progress)
-    say(f"simulating {sites} sites, {format_size(size)} per file, mode {mode}, in {root}")
+    sim = Simulation(sites, size, modes, chunk_size, root, say, progress, secure=secure)
+    say(f"simulating {sites} sites, {format_size(size)} per file, mode {mode}{', secure' if secure else ''}, "
+        f"in {root}")
     results = []
     error = None
     try:
