@@ -10,6 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Optional, Union
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
@@ -140,10 +141,10 @@ class Cell:
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
-        handshake_failed = self._await_registration(monitor, timeout)
-        if handshake_failed:
+        handshake_failure = self._await_registration(monitor, timeout)
+        if handshake_failure is not None:
             self.stop()
-            raise RegistrationError(self._handshake_failure())
+            raise RegistrationError(self._explain_handshake(handshake_failure))
         if not self._reg_answer.is_set():
             self.stop()
             raise RegistrationError(f"The broker at {self.broker} did not answer within {timeout:g} s.")
@@ -153,27 +154,35 @@ class Cell:
             raise RegistrationError(f"The broker refused '{self.fqcn}': {reason}.")
         return self
 
-    def _await_registration(self, monitor: zmq.Socket, timeout: float) -> bool:
-        """Wait for the broker's answer to REGISTER; return True if the CURVE/ZMTP handshake failed."""
+    def _await_registration(self, monitor: zmq.Socket, timeout: float) -> Optional[dict]:
+        """Wait for the broker's answer to REGISTER; return the monitor event if the handshake failed."""
         deadline = time.monotonic() + timeout
         try:
             while not self._reg_answer.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return False
+                    return None
                 if monitor.poll(int(min(remaining, 0.05) * 1000) + 1):
-                    return True
-            return False
+                    return recv_monitor_message(monitor)
+            return None
         finally:
             self._dealer.disable_monitor()  # libzmq guards the monitor with its own lock
             monitor.close(linger=0)
 
-    def _handshake_failure(self) -> str:
-        if self.kit is None:
+    def _explain_handshake(self, event: dict) -> str:
+        """One sentence for a failed connection handshake (ZeroMQ itself stays silent about it)."""
+        mismatch = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+            event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        if mismatch and self.kit is None:
             return (f"The broker at {self.broker} refused the connection: it runs a secure federation "
                     f"and '{self.fqcn}' needs a kit of its project (--kit or kit=).")
-        return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
-                f"project {self.kit.project} of kit {str(self.kit.path)!r} (or it runs without a kit).")
+        if mismatch:
+            return (f"The broker at {self.broker} runs without a kit; start '{self.fqcn}' without --kit "
+                    f"or the broker with its kit.")
+        if self.kit is not None:
+            return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
+                    f"project {self.kit.project} of kit {str(self.kit.path)!r}, or it runs without a kit.")
+        return f"The connection handshake with {self.broker} failed: is it a fedstream broker?"
 
     def secure_socket(self, sock: zmq.Socket) -> zmq.Socket:
         """Make `sock` a CURVE client of the broker when this cell has a kit (call before connect)."""

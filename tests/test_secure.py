@@ -185,3 +185,10 @@ def test_simulate_secure_verifies_every_site(procs, tmp_path):
         assert f"{mode} (secure): 2 sites x 4.0 MiB" in out, out
     assert "all 2 sites verified in push, pull" in out
     assert os.listdir(tmp_path) == []  # kits, files and logs removed
+
+
+def test_a_kit_node_facing_a_plain_broker_fails_with_one_sentence(procs, project, broker_address, tmp_path):
+    node = procs.fedstream("node", "site-1", "--broker", broker_address, "--recv-dir", str(tmp_path / "r"),
+                           "--kit", project["site-1"])
+    assert "runs without a kit" in one_line_error(node)
+    start_node(procs, "site-1", broker_address, tmp_path / "site-1")  # plain nodes still work there
