@@ -171,18 +171,15 @@ class Cell:
 
     def _explain_handshake(self, event: dict) -> str:
         """One sentence for a failed connection handshake (ZeroMQ itself stays silent about it)."""
-        mismatch = event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
-            event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-        if mismatch and self.kit is None:
+        if self.kit is None:  # a plain client sees a mismatch or a dropped connection, depending on timing
             return (f"The broker at {self.broker} refused the connection: it runs a secure federation "
                     f"and '{self.fqcn}' needs a kit of its project (--kit or kit=).")
-        if mismatch:
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+                event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
             return (f"The broker at {self.broker} runs without a kit; start '{self.fqcn}' without --kit "
                     f"or the broker with its kit.")
-        if self.kit is not None:
-            return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
-                    f"project {self.kit.project} of kit {str(self.kit.path)!r}, or it runs without a kit.")
-        return f"The connection handshake with {self.broker} failed: is it a fedstream broker?"
+        return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
+                f"project {self.kit.project} of kit {str(self.kit.path)!r}, or it runs without a kit.")
 
     def secure_socket(self, sock: zmq.Socket) -> zmq.Socket:
         """Make `sock` a CURVE client of the broker when this cell has a kit (call before connect)."""
