@@ -22,6 +22,7 @@ Signatures come from `cryptography`; CURVE keys from libzmq. Nothing here is han
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -54,6 +55,8 @@ CERT_FILE = "certificate.json"
 KIT_FILES = (CURVE_KEY, CURVE_PUB, CERT_FILE, ROOT_PUB, BROKER_PUB)
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+log = logging.getLogger(__name__)
 
 
 class CertificateError(ValueError):
@@ -214,6 +217,8 @@ def load_kit(path: PathLike) -> Kit:
         raise ValueError(f"Kit {str(folder)!r} cannot be read: {exc.strerror}.") from None
     if zmq.curve_public(secret) != public:
         raise ValueError(f"Kit {str(folder)!r} is damaged: {CURVE_KEY} does not match {CURVE_PUB}.")
+    if os.stat(folder / CURVE_KEY).st_mode & 0o077:
+        log.warning("%s can be read by other users; run: chmod 600 %s", folder / CURVE_KEY, folder / CURVE_KEY)
     try:
         cert = verify_certificate(cert_bytes, root)
     except CertificateError as exc:

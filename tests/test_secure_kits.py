@@ -97,6 +97,15 @@ def test_certificate_of_another_project_is_refused(tmp_path):
         verify_certificate(theirs.certificate_bytes, mine.root_key)
 
 
+def test_a_secret_readable_by_others_is_warned_about(tmp_path, caplog):
+    kit = provision(tmp_path / "proj", ["site-1"])[0]
+    load_kit(kit)
+    assert "can be read by other users" not in caplog.text
+    (kit / "curve.key").chmod(0o644)
+    load_kit(kit)
+    assert "can be read by other users; run: chmod 600" in caplog.text
+
+
 def test_kit_problems_are_one_sentence_value_errors(tmp_path):
     proj = tmp_path / "proj"
     provision(proj, ["site-1", "site-2"])
