@@ -8,6 +8,7 @@ import pytest
 import zmq
 from zmq.utils import z85
 
+from fedstream.broker import Broker
 from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission
 from fedstream.common.kits import CertificateError, load_kit, provision, verify_certificate
 from fedstream.nodes import Cell
@@ -111,6 +112,8 @@ def test_kit_problems_are_one_sentence_value_errors(tmp_path):
     provision(proj, ["site-1", "site-2"])
     with pytest.raises(ValueError, match="its certificate is for 'site-1'"):
         Cell("server", "tcp://127.0.0.1:5550", kit=proj / "site-1")
+    with pytest.raises(ValueError, match="belongs to 'site-1', not to the broker"):
+        Broker(bind="tcp://127.0.0.1:0", kit=proj / "site-1")
     with pytest.raises(ValueError, match="is not a directory"):
         load_kit(proj / "nothing")
     (proj / "site-2" / "curve.key").chmod(0o600)
