@@ -34,6 +34,7 @@ FANOUT_DOMAIN = b"fedstream-fanout"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 _ZAP_VERSION = b"1.0"
 _POLL_MS = 200
+_LOGGED_LIMIT = 1024  # refusals remembered so a retrying client is logged once, not at every reconnect
 
 
 class Admission:
@@ -94,6 +95,7 @@ class ZapAuthenticator:
     def __init__(self, context: zmq.Context, admission: Admission) -> None:
         self._admission = admission
         self._stop = threading.Event()
+        self._logged: set[tuple[bytes, bytes, bytes]] = set()
         self._socket = context.socket(zmq.REP)
         self._socket.linger = 0
         try:
@@ -132,7 +134,16 @@ class ZapAuthenticator:
         key = credentials[0] if credentials else b""
         admitted, reason, user_id = self._admission.handshake(domain, mechanism, key)
         if not admitted:
-            log.info("refused a %s handshake from %s on %s: %s", mechanism.decode("ascii", "replace"),
-                     address.decode("ascii", "replace"), domain.decode("ascii", "replace"), reason)
+            self._log_refusal(address, domain, key, reason)
             return [_ZAP_VERSION, request_id, b"400", reason.encode(), b"", b""]
         return [_ZAP_VERSION, request_id, b"200", b"OK", user_id.encode("ascii"), b""]
+
+    def _log_refusal(self, address: bytes, domain: bytes, key: bytes, reason: str) -> None:
+        seen = (address, domain, key)
+        if seen in self._logged:
+            return
+        if len(self._logged) >= _LOGGED_LIMIT:
+            self._logged.clear()
+        self._logged.add(seen)
+        log.warning("refused a connection from %s to the %s socket: %s", address.decode("ascii", "replace"),
+                    "fan-out" if domain == FANOUT_DOMAIN else domain.decode("ascii", "replace"), reason)
