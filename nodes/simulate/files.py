@@ -288,8 +288,9 @@ def format_table(result: ModeResult, sites: list[str]) -> str:
     """The per-mode summary table."""
     total = result.size * len(sites)
     rate = total / max(result.seconds, 1e-9) / MB
+    mode = f"{result.mode} (secure)" if result.secure else result.mode
     lines = [
-        f"{result.mode}{' (secure)' if result.secure else ''}: {len(sites)} sites x {format_size(result.size)} = {format_size(total)} "
+        f"{mode}: {len(sites)} sites x {format_size(result.size)} = {format_size(total)} "
         f"in {result.seconds:.2f} s, aggregate {rate:.0f} MB/s",
         f"  {'process':<10}{'sha256 verified':<17}{'peak RSS':>10}",
     ]
