@@ -27,11 +27,13 @@ from typing import Optional
 
 import zmq
 
+from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission, ZapAuthenticator
 from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
 from fedstream.common.fqcn import MAX_FQCN_LENGTH, is_valid_fqcn
+from fedstream.common.kits import Kit, PathLike, load_kit
 from fedstream.common.peerlog import PeerErrors
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,16 @@ class Broker:
         context: Optional[zmq.Context] = None,
         node_timeout: float = DEFAULT_NODE_TIMEOUT,
         fanout_ports: Optional[tuple[int, int]] = None,
+        kit: Optional[PathLike] = None,
     ) -> None:
         self._host, self._port = split_tcp_address(bind)
         if node_timeout <= 0:
             raise ValueError(f"node_timeout must be positive, got {node_timeout!r}.")
+        self.kit: Optional[Kit] = load_kit(kit) if kit is not None else None
+        if self.kit is not None and not self.kit.is_broker:
+            raise ValueError(f"Kit {str(kit)!r} belongs to '{self.kit.name}', not to the broker.")
+        self._admission: Optional[Admission] = None
+        self._zap: Optional[ZapAuthenticator] = None
         self._bind_host = "*" if self._host == "0.0.0.0" else self._host
         self._fanout_ports = fanout_ports
         self._own_context = context is None
@@ -137,8 +145,24 @@ class Broker:
         sock.bind(f"tcp://{self._bind_host}:{port if port else '*'}")
         return split_tcp_address(sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("[", "").replace("]", ""))[1]
 
+    def _secure(self, sock: zmq.Socket, domain: bytes) -> None:
+        """With a kit: make `sock` a CURVE server whose clients the ZAP handler admits."""
+        if self.kit is None:
+            return
+        for option, value in self.kit.server_options().items():
+            sock.setsockopt(option, value)
+        sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+
+    def _is_live(self, fqcn: str, identity: bytes) -> bool:
+        entry = self.registry.lookup(fqcn)
+        return entry is not None and entry.identity == identity
+
     def _bind_sockets(self) -> None:
+        if self.kit is not None:  # the ZAP handler must listen before the first CURVE server binds
+            self._admission = Admission(self.kit, self._is_live)
+            self._zap = ZapAuthenticator(self._ctx, self._admission)
         router = self._router = self._ctx.socket(zmq.ROUTER)
+        self._secure(router, ROUTER_DOMAIN)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
         router.setsockopt(zmq.SNDHWM, _ROUTER_HWM)
@@ -156,10 +180,12 @@ class Broker:
         else:
             in_port, out_port = 0, 0
         xsub = self._xsub = self._ctx.socket(zmq.XSUB)
+        self._secure(xsub, FANOUT_DOMAIN)
         xsub.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
         xsub.setsockopt(zmq.RCVHWM, _FANOUT_HWM)
         xsub.linger = 0
         xpub = self._xpub = self._ctx.socket(zmq.XPUB)
+        self._secure(xpub, FANOUT_DOMAIN)
         xpub.setsockopt(zmq.SNDHWM, _FANOUT_HWM)
         xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # subscriptions pass through _apply_subscriptions
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
@@ -182,6 +208,9 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
                 setattr(self, name, None)
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
 
     # -- fan-out ---------------------------------------------------------------------------
     def _fanout_loop(self) -> None:
@@ -307,6 +336,10 @@ class Broker:
             return self._malformed(identity, "no command frame")
         cmd = frames[1].bytes
         now = monotonic()
+        if self._admission is not None and cmd != proto.REGISTER and \
+                not self._admission.owns(identity, frames[1].get("User-Id")):
+            self._send([identity, proto.NOT_REGISTERED])  # secure mode: this connection registered no key
+            return None
         if cmd == proto.SEND:
             return self._handle_send(identity, frames, now)
         if cmd == proto.HEARTBEAT:
@@ -337,6 +370,8 @@ class Broker:
             reason = f"protocol version {repr(version)[:20]} is not supported (broker speaks {proto.VERSION})"
         elif not is_valid_fqcn(fqcn):
             reason = f"'{fqcn}' is not a valid FQCN"
+        elif refusal := self._kit_refusal(fqcn, hello, frames[1]):
+            reason = refusal
         else:
             self._forget_if_disconnected(fqcn, identity)
             reason = self.registry.register(fqcn, identity, now)
@@ -345,9 +380,17 @@ class Broker:
                 log.warning("refused registration of '%s': %s", fqcn[:64], reason)
             self._send([identity, proto.REGISTERED, proto.REG_ERR, reason.encode()])
             return None
+        if self._admission is not None:
+            self._admission.bind(frames[1].get("User-Id"), fqcn, identity)
         log.info("node '%s' registered (%d connected)", fqcn, len(self.registry))
         self._send([identity, proto.REGISTERED, proto.REG_OK, proto.encode_json(self._fanout_info)])
         return None
+
+    def _kit_refusal(self, fqcn: str, hello: dict, command: zmq.Frame) -> "str | None":
+        """Secure mode: why this REGISTER's certificate does not allow it, or None."""
+        if self._admission is None:
+            return None
+        return self._admission.check_register(fqcn, hello.get("cert"), command.get("User-Id"))
 
     def _forget_if_disconnected(self, fqcn: str, identity: bytes) -> None:
         """Free a name whose holder's connection is gone (e.g. its process was killed)."""

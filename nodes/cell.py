@@ -36,6 +36,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterable, Optional, Union
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from fedstream.common import protocol as proto
 from fedstream.common.address import split_tcp_address
@@ -61,6 +62,7 @@ from fedstream.nodes.message import (
     encode_meta,
     encode_payload,
 )
+from fedstream.common.kits import Kit, PathLike, load_kit
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ _MAX_QUEUED_BYTES = 64 << 20  # payload bytes held by those callbacks
 _ERROR_LOG_INTERVAL = 60.0
 # What the command, destination and framing add to a message, next to meta and payload.
 _ENVELOPE = 2 + 256
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class PendingRequest:
@@ -110,8 +114,13 @@ class Cell:
     """A named endpoint (FQCN) connected to the broker."""
 
     def __init__(self, fqcn: str, broker: str, context: Optional[zmq.Context] = None,
-                 heartbeat_interval: float = DEFAULT_HEARTBEAT, workers: int = 8) -> None:
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT, workers: int = 8,
+                 kit: Optional[PathLike] = None) -> None:
         self.fqcn = validate_fqcn(fqcn)
+        self.kit: Optional[Kit] = load_kit(kit) if kit is not None else None
+        if self.kit is not None and self.kit.name != self.fqcn:
+            raise ValueError(f"Cell '{self.fqcn}' cannot use kit {str(kit)!r}: its certificate is for "
+                             f"'{self.kit.name}'.")
         self.broker = broker
         self._broker_host, _ = split_tcp_address(broker)
         if heartbeat_interval <= 0:
@@ -136,6 +145,8 @@ class Cell:
         self._registered = threading.Event()
         self._reg_reason: Optional[str] = None
         self._reg_answer = threading.Event()
+        self._handshake_failure: Optional[dict] = None  # a monitor event: the broker refused the handshake
+        self._monitor: Optional[zmq.Socket] = None
         self._fanout: dict = {}
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -161,7 +172,12 @@ class Cell:
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
-        if not self._reg_answer.wait(timeout):
+        self._reg_answer.wait(timeout)
+        handshake_failure = self._handshake_failure
+        if handshake_failure is not None:
+            self.stop()
+            raise RegistrationError(self._explain_handshake(handshake_failure))
+        if not self._reg_answer.is_set():
             self.stop()
             raise RegistrationError(f"The broker at {self.broker} did not answer within {timeout:g} s.")
         if not self._registered.is_set():
@@ -169,6 +185,25 @@ class Cell:
             self.stop()
             raise RegistrationError(f"The broker refused '{self.fqcn}': {reason}.")
         return self
+
+    def _explain_handshake(self, event: dict) -> str:
+        """One sentence for a failed connection handshake (ZeroMQ itself stays silent about it)."""
+        if self.kit is None:  # a plain client sees a mismatch or a dropped connection, depending on timing
+            return (f"The broker at {self.broker} refused the connection: it runs a secure federation "
+                    f"and '{self.fqcn}' needs a kit of its project (--kit or kit=).")
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+                event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return (f"The broker at {self.broker} runs without a kit; start '{self.fqcn}' without --kit "
+                    f"or the broker with its kit.")
+        return (f"The broker at {self.broker} refused the secure connection: it is not the broker of "
+                f"project {self.kit.project} of kit {str(self.kit.path)!r}, or it runs without a kit.")
+
+    def secure_socket(self, sock: zmq.Socket) -> zmq.Socket:
+        """Make `sock` a CURVE client of the broker when this cell has a kit (call before connect)."""
+        if self.kit is not None:
+            for option, value in self.kit.client_options().items():
+                sock.setsockopt(option, value)
+        return sock
 
     def stop(self) -> None:
         """Leave the broker, fail pending requests, and release the sockets."""
@@ -195,13 +230,30 @@ class Cell:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self.secure_socket(dealer)
+        # ZeroMQ keeps a failed CURVE handshake to itself: watch for one until the first registration answer.
+        self._monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILURES)
         dealer.connect(self.broker)
         self._out_pull = self.context.socket(zmq.PULL)
         self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
         self._out_pull.bind(self._outbox_endpoint)
 
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            self._dealer.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _watch_handshake(self) -> None:
+        """Note a failed handshake and wake start(); called on the I/O thread when the monitor has an event."""
+        event = recv_monitor_message(self._monitor)
+        if event["event"] & _HANDSHAKE_FAILURES and not self._reg_answer.is_set():
+            self._handshake_failure = event
+            self._reg_answer.set()
+
     def _close_sockets(self) -> None:
         """Close the I/O thread's sockets; called on the I/O thread as it ends."""
+        self._close_monitor()
         self._out_pull.close(linger=0)
         self._dealer.close(linger=500)
 
@@ -234,6 +286,7 @@ class Cell:
         self._out_push.close(linger=0)
         self._registered.clear()
         self._reg_answer.clear()
+        self._handshake_failure = None
         self._fanout = {}
         if self._own_context and io_ended:
             self.context.term()
@@ -451,7 +504,15 @@ class Cell:
             reading = zmq.POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
             poller.register(self._dealer, reading | (zmq.POLLOUT if self._backlog else 0))
             poller.register(self._out_pull, 0 if self._backlog else zmq.POLLIN)
+            if self._monitor is not None:
+                if self._reg_answer.is_set():
+                    poller.register(self._monitor, 0)  # flags 0: no longer polled
+                    self._close_monitor()
+                else:
+                    poller.register(self._monitor, zmq.POLLIN)
             events = dict(poller.poll(min(timeout_ms, 200)))
+            if self._monitor is not None and events.get(self._monitor, 0) & zmq.POLLIN:
+                self._watch_handshake()
             if self._backlog and events.get(self._dealer, 0) & zmq.POLLOUT:
                 self._flush_backlog()
             if events.get(self._out_pull, 0) & zmq.POLLIN:
@@ -508,7 +569,10 @@ class Cell:
                 self._to_broker(frames)
 
     def _register_with_broker(self) -> None:
-        self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json({"v": proto.VERSION})])
+        hello: dict = {"v": proto.VERSION}
+        if self.kit is not None:
+            hello["cert"] = self.kit.certificate_bytes.decode("ascii")
+        self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json(hello)])
 
     def _dropped(self, frames: list, exc: Exception) -> None:
         """Count a message that could not be handled; log it at most once per sender per minute."""

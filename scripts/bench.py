@@ -14,6 +14,7 @@ every process, and what the push owner sent over the network relative to the fil
 
     python scripts/bench.py              # 1 GiB, 4 recipients
     python scripts/bench.py --quick      # 64 MiB smoke run
+    python scripts/bench.py --secure     # also pull 1 and push N with kits (CURVE), and their ratios
 """
 
 import argparse
@@ -48,6 +49,11 @@ MB = 1_000_000
 # --------------------------------------------------------------------------------------------
 # child process roles
 # --------------------------------------------------------------------------------------------
+def kit_of(args, name: str) -> Optional[str]:
+    """The kit folder of `name` in a secure run (--kits is the provisioned project), else None."""
+    return os.path.join(args.kits, name) if args.kits else None
+
+
 def report(**fields) -> None:
     """Print the result line a coordinator reads, with this process's peak RSS and I/O."""
     fields.update(rss=peak_rss(), cpu=cpu_seconds(), io=io_counters())
@@ -195,7 +201,7 @@ def role_pull_owner(args) -> None:
         if len(finished) == args.count:
             all_done.set()
 
-    with Cell("server", args.connect) as cell:
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
         tx = FileDownloader.new_transaction(cell, timeout=60.0, timeout_cb=lambda *a, **k: all_done.set())
         ref_id = FileDownloader.add_file(tx, args.file, file_downloaded_cb=downloaded)
         print(f"RID {ref_id}", flush=True)
@@ -207,7 +213,7 @@ def role_pull_owner(args) -> None:
 def role_pull_recv(args) -> None:
     from fedstream.nodes import Cell, download_file
 
-    with Cell(args.name, args.connect) as cell:
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
         started = time.time()
         error, path = download_file("server", args.ref, 30.0, cell, location=args.dest)
         ended = time.time()
@@ -227,7 +233,7 @@ def role_push_recv(args) -> None:
                        path=FileStreamer.get_file_location(stream_ctx))
         done.set()
 
-    with Cell(args.name, args.connect) as cell:
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
         FileStreamer.register_stream_processing(FLContext(cell), "bench", "file", dest_dir=args.dest,
                                                 stream_done_cb=stream_done)
         print("READY", flush=True)
@@ -239,7 +245,7 @@ def role_push_owner(args) -> None:
     from fedstream.nodes import Cell
     from fedstream.nodes.push.sender import send_file  # what FileStreamer.stream_file runs, with its byte counts
 
-    with Cell("server", args.connect) as cell:
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
         read_before = io_counters().get("rchar", 0)
         started = time.time()
         result = send_file(cell, "bench", "file", {}, args.targets.split(","), args.file, args.chunk_size)
@@ -438,23 +444,35 @@ class Bench:
         return run
 
     # -- fedstream -----------------------------------------------------------------------
+    def kits(self, secure: bool) -> list[str]:
+        """Child arguments naming the provisioned project of a secure run (made once), or none."""
+        if not secure:
+            return []
+        from fedstream.common.kits import provision
+
+        project = self.workdir / "kits"
+        provision(project, ["broker", "server"] + [f"site-{i + 1}" for i in range(self.recipients)])
+        return ["--kits", str(project)]
+
     @staticmethod
-    def start_broker(run: Run) -> tuple[Child, str]:
-        """A `fedstream broker` process on free ports, and its address."""
+    def start_broker(run: Run, kits: list[str]) -> tuple[Child, str]:
+        """A `fedstream broker` process on free ports (with the broker kit in a secure run), and its address."""
+        secure = ["--kit", os.path.join(kits[1], "broker")] if kits else []
         broker = run.start("broker", "", cmd=[sys.executable, "-m", "fedstream.nodes", "broker", "--bind",
-                                               "tcp://127.0.0.1:0"])
+                                               "tcp://127.0.0.1:0", *secure])
         return broker, "tcp://" + broker.line("tcp://", 30)
 
-    def pull(self, n: int) -> Run:
-        run = Run(f"pull {n}", n, self.workdir)
+    def pull(self, n: int, secure: bool = False) -> Run:
+        run = Run(f"pull {n}" + (" secure" if secure else ""), n, self.workdir)
+        kits = self.kits(secure)
         try:
-            broker, address = self.start_broker(run)
+            broker, address = self.start_broker(run, kits)
             owner = run.start("owner", "pull-owner", "--connect", address, "--file", str(self.source),
-                              "--count", str(n))
+                              "--count", str(n), *kits)
             ref = owner.line("RID ")
             names = [f"site-{i + 1}" for i in range(n)]
             receivers = [run.start(name, "pull-recv", "--connect", address, "--name", name, "--ref", ref,
-                                   "--dest", str(self.dest(run.name, name))) for name in names]
+                                   "--dest", str(self.dest(run.name, name)), *kits) for name in names]
             results = [r.finish() for r in receivers]
             owner.finish()
             broker.stop()
@@ -466,19 +484,20 @@ class Bench:
             run.close()
         return run
 
-    def push(self, n: int) -> Run:
-        run = Run(f"push {n}", n, self.workdir)
+    def push(self, n: int, secure: bool = False) -> Run:
+        run = Run(f"push {n}" + (" secure" if secure else ""), n, self.workdir)
+        kits = self.kits(secure)
         try:
-            broker, address = self.start_broker(run)
+            broker, address = self.start_broker(run, kits)
             names = [f"site-{i + 1}" for i in range(n)]
             receivers = []
             for name in names:
                 receiver = run.start(name, "push-recv", "--connect", address, "--name", name,
-                                     "--dest", str(self.dest(run.name, name)))
+                                     "--dest", str(self.dest(run.name, name)), *kits)
                 receiver.line("READY")
                 receivers.append(receiver)
             owner = run.start("owner", "push-owner", "--connect", address, "--targets", ",".join(names),
-                              "--file", str(self.source), "--chunk-size", str(self.chunk_size))
+                              "--file", str(self.source), "--chunk-size", str(self.chunk_size), *kits)
             sent = owner.finish()
             results = [r.finish() for r in receivers]
             broker.stop()
@@ -529,6 +548,11 @@ def print_report(bench: Bench) -> bool:
         (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)",
          ratio(runs.get(f"bare fan-out {n}"), runs.get("bare fan-out 1"), "seconds")),
     ]
+    if "pull 1 secure" in runs or f"push {n} secure" in runs:
+        checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)",
+                    ratio(runs.get("pull 1 secure"), runs.get("pull 1"))),
+                   (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)",
+                    ratio(runs.get(f"push {n} secure"), runs.get(f"push {n}")))]
     for label, value in checks:
         print(f"{label:<70}{value:>8}")
     peak = max((run.max_rss() for run in runs.values() if run.name.startswith(("pull", "push"))), default=0)
@@ -543,9 +567,10 @@ def main() -> int:
     parser.add_argument("--recipients", type=int, default=4)
     parser.add_argument("--chunk-size", default="1M")
     parser.add_argument("--workdir", help="where to put the files (default: a temp dir, removed)")
+    parser.add_argument("--secure", action="store_true", help="also run pull 1 and push N with kits (CURVE)")
     # child roles
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
-    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref"):
+    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -566,6 +591,9 @@ def main() -> int:
                 (f"bare relay {n}", lambda: bench.bare_relay(n)),
                 (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
                 (f"push {n}", lambda: bench.push(n))]
+        if args.secure:
+            plan += [("pull 1 secure", lambda: bench.pull(1, secure=True)),
+                     (f"push {n} secure", lambda: bench.push(n, secure=True))]
         failed = []
         for name, step in plan:
             print(f"running {name} ...", flush=True)

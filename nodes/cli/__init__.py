@@ -6,7 +6,7 @@ one that knows them all, so the CLI has no import circle.
 
 import click
 
-from fedstream.nodes.cli import broker, node, pull, push, simulate
+from fedstream.nodes.cli import broker, node, provision, pull, push, simulate
 from fedstream.nodes.cli.options import package_version
 
 
@@ -17,5 +17,5 @@ def main() -> None:
 
 
 for _command in (broker.broker_command, node.node_command, pull.serve_command, pull.get_command,
-                 push.push_command, simulate.simulate_command):
+                 push.push_command, simulate.simulate_command, provision.provision_command):
     main.add_command(_command)

@@ -8,7 +8,14 @@ import click
 from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
 from fedstream.common.errors import FedstreamError
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes.cli.options import broker_option, fail, setup_logging, verbose_option, wait_for_termination
+from fedstream.nodes.cli.options import (
+    broker_option,
+    fail,
+    kit_option,
+    setup_logging,
+    verbose_option,
+    wait_for_termination,
+)
 
 _print_lock = threading.Lock()
 
@@ -24,8 +31,9 @@ def emit(*fields: object) -> None:
 @broker_option
 @click.option("--recv-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory received files are written to (created if missing).")
+@kit_option
 @verbose_option
-def node_command(name: str, broker_url: str, recv_dir: str, verbose: int) -> None:
+def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", verbose: int) -> None:
     """Run site NAME until Ctrl-C: accept pushes and download announced RIDs into --recv-dir.
 
     Prints `ready<TAB>NAME` once registered, then one line per file:
@@ -38,7 +46,7 @@ def node_command(name: str, broker_url: str, recv_dir: str, verbose: int) -> Non
     recv_dir = os.path.abspath(recv_dir)
     try:
         os.makedirs(recv_dir, exist_ok=True)
-        cell = Cell(name, broker_url)
+        cell = Cell(name, broker_url, kit=kit)
     except (OSError, ValueError) as exc:
         fail(str(exc))
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BROKER_ENV = "FEDSTREAM_BROKER"
+KIT_ENV = "FEDSTREAM_KIT"
 
 
 def setup_logging(verbose: int) -> None:
@@ -54,13 +55,27 @@ def split_names(text: "str | None") -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def start_cell(name: str, broker_url: str) -> "Cell":
+def cli_name(name: "str | None", kind: str, kit: "str | None") -> str:
+    """The cell name of a command: --as, else the kit's certificate name, else `<kind>-<pid>`."""
+    if name:
+        return name
+    if kit:
+        from fedstream.common.kits import load_kit
+
+        try:
+            return load_kit(kit).name
+        except ValueError as exc:
+            fail(str(exc))
+    return default_cli_name(kind)
+
+
+def start_cell(name: str, broker_url: str, kit: "str | None" = None) -> "Cell":
     """Create, start and return a Cell; exit with a one-line error if that fails."""
     from fedstream.common.errors import FedstreamError
     from fedstream.nodes.cell import Cell
 
     try:
-        return Cell(name, broker_url).start()
+        return Cell(name, broker_url, kit=kit).start()
     except (ValueError, FedstreamError) as exc:
         fail(str(exc))
 
@@ -68,6 +83,8 @@ def start_cell(name: str, broker_url: str) -> "Cell":
 verbose_option = click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 broker_option = click.option("--broker", "broker_url", envvar=BROKER_ENV, required=True, metavar="URL",
                              help=f"Broker address, e.g. tcp://127.0.0.1:5550 (or ${BROKER_ENV}).")
+kit_option = click.option("--kit", envvar=KIT_ENV, default=None, metavar="DIR",
+                          help=f"This node's kit from `fedstream provision`, for a secure broker (or ${KIT_ENV}).")
 
 
 def package_version() -> str:

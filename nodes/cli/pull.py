@@ -12,8 +12,9 @@ from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.cli.options import (
     broker_option,
-    default_cli_name,
+    cli_name,
     fail,
+    kit_option,
     setup_logging,
     split_names,
     start_cell,
@@ -27,15 +28,17 @@ DEFAULT_SERVE_TIMEOUT = 300.0
 @click.command("serve")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @broker_option
-@click.option("--as", "name", default=None, metavar="NAME", help="This owner's cell name (default: serve-<pid>).")
+@click.option("--as", "name", default=None, metavar="NAME",
+              help="This owner's cell name (default: the kit's name, else serve-<pid>).")
 @click.option("--timeout", default=DEFAULT_SERVE_TIMEOUT, show_default=True, type=float, metavar="S",
               help="Stop after S seconds without download activity.")
 @click.option("--announce-to", "announce_to", default=None, metavar="SITE[,SITE...]",
               help="Send the reference ids to these sites (e.g. `fedstream node`) and stop when all of "
                    "them downloaded every file.")
+@kit_option
 @verbose_option
 def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], timeout: float,
-                  announce_to: Optional[str], verbose: int) -> None:
+                  announce_to: Optional[str], kit: Optional[str], verbose: int) -> None:
     """Share files for download: print `<ref_id><TAB><absolute path>` per FILE, then serve them.
 
     Serves until --timeout seconds pass without download activity, every --announce-to site
@@ -59,7 +62,7 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
                 raise ValueError(f"File {file!r} does not exist or is not a regular file.")
     except ValueError as exc:
         fail(str(exc))
-    cell = start_cell(name or default_cli_name("serve"), broker_url)
+    cell = start_cell(cli_name(name, "serve", kit), broker_url, kit)
 
     stop = threading.Event()
     lock = threading.Lock()
@@ -123,15 +126,17 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
 @click.argument("ref_id")
 @click.option("--from", "owner", required=True, metavar="NAME", help="The cell that serves the file.")
 @broker_option
-@click.option("--as", "name", default=None, metavar="NAME", help="This cell's name (default: get-<pid>).")
+@click.option("--as", "name", default=None, metavar="NAME",
+              help="This cell's name (default: the kit's name, else get-<pid>).")
 @click.option("-o", "--output-dir", "out_dir", default=".", show_default=True, metavar="DIR",
               help="Directory for the downloaded file (created if missing).")
 @click.option("--timeout", default=DEFAULT_CHUNK_TIMEOUT, show_default=True, type=float, metavar="S",
               help="Seconds the owner may stay silent before the download fails.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@kit_option
 @verbose_option
 def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], out_dir: str, timeout: float,
-                quiet: bool, verbose: int) -> None:
+                quiet: bool, kit: Optional[str], verbose: int) -> None:
     """Download the file REF_ID from --from and print its path.
 
     An interrupted download resumes when the same command is run again with the same -o.
@@ -160,7 +165,7 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
             raise ValueError(f"Cannot create the output directory {out_dir!r}: {exc.strerror}.") from None
     except ValueError as exc:
         fail(str(exc))
-    cell = start_cell(name or default_cli_name("get"), broker_url)
+    cell = start_cell(cli_name(name, "get", kit), broker_url, kit)
 
     bars: list[Progress] = []
     show = not quiet and sys.stderr.isatty()

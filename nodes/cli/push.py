@@ -10,8 +10,9 @@ from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, D
 from fedstream.common.sizes import format_size, parse_size
 from fedstream.nodes.cli.options import (
     broker_option,
-    default_cli_name,
+    cli_name,
     fail,
+    kit_option,
     setup_logging,
     split_names,
     start_cell,
@@ -23,15 +24,17 @@ from fedstream.nodes.cli.options import (
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--to", "targets", required=True, metavar="SITE[,SITE...]", help="Comma-separated target sites.")
 @broker_option
-@click.option("--as", "name", default=None, metavar="NAME", help="This sender's cell name (default: push-<pid>).")
+@click.option("--as", "name", default=None, metavar="NAME",
+              help="This sender's cell name (default: the kit's name, else push-<pid>).")
 @click.option("--chunk-size", default="1M", show_default=True, metavar="SIZE",
               help="Chunk size; K, M, G suffixes allowed.")
 @click.option("--chunk-timeout", default=DEFAULT_CHUNK_TIMEOUT, show_default=True, type=float, metavar="S",
               help="Seconds without progress from a target before the push fails.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@kit_option
 @verbose_option
 def push_command(file: str, targets: str, broker_url: str, name: Optional[str], chunk_size: str,
-                 chunk_timeout: float, quiet: bool, verbose: int) -> None:
+                 chunk_timeout: float, quiet: bool, kit: Optional[str], verbose: int) -> None:
     """Push FILE to every site of --to; exit 0 only when all of them hold the verified file.
 
     The sites must accept pushes on the default channel (e.g. `fedstream node`).
@@ -51,7 +54,7 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
         check_push_args(DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC, None, target_list, file, size, chunk_timeout)
     except ValueError as exc:
         fail(str(exc))
-    cell = start_cell(name or default_cli_name("push"), broker_url)
+    cell = start_cell(cli_name(name, "push", kit), broker_url, kit)
     try:
         total = os.path.getsize(file)
         bar = Progress(total, os.path.basename(file), enabled=not quiet and sys.stderr.isatty())

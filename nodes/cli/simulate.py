@@ -76,7 +76,7 @@ def simulate_command(sites: int, rounds: int, model_size: int, layers: int, down
     """
     setup_logging(verbose)
     if files_mode:
-        run_files(sites, size, mode, chunk_size, workdir, keep)
+        run_files(sites, size, mode, chunk_size, workdir, keep, secure)
         return
     if kill_site is not None and kill_site[0] not in {f"site-{i + 1}" for i in range(sites)}:
         fail(f"--kill-site names {kill_site[0]}, which is not one of site-1..site-{sites}.")
@@ -166,7 +166,8 @@ def _printers(live: bool, quiet: bool = False):
     return say, progress
 
 
-def run_files(sites: int, size: int, mode: str, chunk_size: int, workdir: "str | None", keep: bool) -> None:
+def run_files(sites: int, size: int, mode: str, chunk_size: int, workdir: "str | None", keep: bool,
+              secure: bool) -> None:
     """--files: push a test file to every site, then serve one by RID; verify every byte."""
     if chunk_size <= 0:
         fail("--chunk-size must be positive.")
@@ -175,8 +176,9 @@ def run_files(sites: int, size: int, mode: str, chunk_size: int, workdir: "str |
     say, progress = _printers(live)
 
     modes = ["push", "pull"] if mode == "both" else [mode]
-    sim = Simulation(sites, size, modes, chunk_size, root, say, progress)
-    say(f"simulating {sites} sites, {format_size(size)} per file, mode {mode}, in {root}")
+    sim = Simulation(sites, size, modes, chunk_size, root, say, progress, secure=secure)
+    say(f"simulating {sites} sites, {format_size(size)} per file, mode {mode}{', secure' if secure else ''}, "
+        f"in {root}")
     results, error = _run_and_clean(sim.run, sim.stop_all, root, keep, live, say)
     results = results or []
     for result in results:

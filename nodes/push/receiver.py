@@ -195,6 +195,7 @@ class _Stream:
     def _receive(self) -> None:
         _, address = self.cell.fanout_endpoints
         sub = self.cell.context.socket(zmq.SUB)
+        self.cell.secure_socket(sub)  # CURVE client of a secure broker (no-op without a kit)
         try:
             sub.setsockopt(zmq.RCVHWM, self.tuning.sub_rcvhwm or 2 * self.window + 16)
             sub.setsockopt(zmq.MAXMSGSIZE, self.chunk_size + 1024)

@@ -363,6 +363,7 @@ class _Push:
         except CellError as exc:
             raise _Failure(ReturnCode.COMMUNICATION_ERROR, str(exc)) from None
         xpub = self.xpub = self.cell.context.socket(zmq.XPUB)
+        self.cell.secure_socket(xpub)  # CURVE client of a secure broker (no-op without a kit)
         xpub.setsockopt(zmq.XPUB_NODROP, 1)
         xpub.setsockopt(zmq.SNDHWM, self.window.window + 16)
         xpub.setsockopt(zmq.SNDTIMEO, _SEND_POLL_MS)

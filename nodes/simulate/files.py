@@ -24,6 +24,7 @@ class ModeResult:
     verified: dict[str, bool] = field(default_factory=dict)
     rss: dict[str, Optional[int]] = field(default_factory=dict)
     error: Optional[str] = None
+    secure: bool = False  # ran with kits: CURVE links, certified names
 
     @property
     def ok(self) -> bool:
@@ -55,8 +56,9 @@ class Simulation:
     """Runs the federation; `run()` returns one ModeResult per mode."""
 
     def __init__(self, sites: int, size: int, modes: list[str], chunk_size: int, workdir: str,
-                 say: Callable[[str], None], progress: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], progress: Callable[[str], None], secure: bool = False) -> None:
         self.sites = [f"site-{i + 1}" for i in range(sites)]
+        self.secure = secure
         self.size = size
         self.modes = modes
         self.chunk_size = chunk_size
@@ -75,15 +77,23 @@ class Simulation:
         self.say(f"started {label} (pid {proc.pid})")
         return proc
 
+    def _kit(self, name: str) -> list[str]:
+        """`--kit DIR` for `name` in a secure simulation (kits of a throwaway project), else nothing."""
+        return ["--kit", os.path.join(self.workdir, "kits", name)] if self.secure else []
 
     def start_federation(self) -> None:
         os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-        self.broker = self._spawn("broker", "broker", "--bind", "tcp://127.0.0.1:0")
+        if self.secure:
+            from fedstream.common.kits import provision
+
+            provision(os.path.join(self.workdir, "kits"), ["broker", SERVER, *self.sites])
+        self.broker = self._spawn("broker", "broker", "--bind", "tcp://127.0.0.1:0", *self._kit("broker"))
         self.address = self.broker.expect_start("tcp://", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
         for site in self.sites:
             recv_dir = os.path.join(self.workdir, site)
             os.makedirs(recv_dir, exist_ok=True)
-            self.nodes[site] = self._spawn(site, "node", site, "--broker", self.address, "--recv-dir", recv_dir)
+            self.nodes[site] = self._spawn(site, "node", site, "--broker", self.address, "--recv-dir", recv_dir,
+                                           *self._kit(site))
         for site, proc in self.nodes.items():
             proc.expect_start("ready", _START_TIMEOUT, os.path.join(self.workdir, "logs"))
 
@@ -118,7 +128,7 @@ class Simulation:
         self.progress(f"{mode}: {100 * share:5.1f}%  {rate:7.0f} MB/s  {per_site}")
 
     def run_mode(self, mode: str) -> ModeResult:
-        result = ModeResult(mode, self.size)
+        result = ModeResult(mode, self.size, secure=self.secure)
         name = f"{mode}-payload.bin"
         source = os.path.join(self.workdir, SERVER, name)
         os.makedirs(os.path.dirname(source), exist_ok=True)
@@ -127,10 +137,10 @@ class Simulation:
         targets = ",".join(self.sites)
         if mode == "push":
             args = ["push", source, "--to", targets, "--broker", self.address, "--as", SERVER,
-                    "--chunk-size", str(self.chunk_size), "--quiet"]
+                    "--chunk-size", str(self.chunk_size), "--quiet", *self._kit(SERVER)]
         else:
             args = ["serve", source, "--broker", self.address, "--as", SERVER, "--announce-to", targets,
-                    "--timeout", "30"]
+                    "--timeout", "30", *self._kit(SERVER)]
         started = time.monotonic()
         owner = self._spawn(f"{SERVER}-{mode}", *args)
         received: dict[str, str] = {}
@@ -192,8 +202,9 @@ def format_table(result: ModeResult, sites: list[str]) -> str:
     """The per-mode summary table."""
     total = result.size * len(sites)
     rate = total / max(result.seconds, 1e-9) / MB
+    mode = f"{result.mode} (secure)" if result.secure else result.mode
     lines = [
-        f"{result.mode}: {len(sites)} sites x {format_size(result.size)} = {format_size(total)} "
+        f"{mode}: {len(sites)} sites x {format_size(result.size)} = {format_size(total)} "
         f"in {result.seconds:.2f} s, aggregate {rate:.0f} MB/s",
         f"  {'process':<10}{'sha256 verified':<17}{'peak RSS':>10}",
     ]
