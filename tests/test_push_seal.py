@@ -75,13 +75,13 @@ def test_malformed_stream_keys_are_refused(bad):
 
 # -- on a federation ----------------------------------------------------------------------------
 class Tap:
-    """A raw SUB on the broker's fan-out, never registered, subscribed to everything."""
+    """A raw SUB on the broker's fan-out, never registered, subscribed to one topic (default: everything)."""
 
-    def __init__(self, context: zmq.Context, address: str) -> None:
+    def __init__(self, context: zmq.Context, address: str, topic: bytes = b"") -> None:
         self.frames: list[list[bytes]] = []
         self.sock = context.socket(zmq.SUB)
         self.sock.linger = 0
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.connect(address)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -113,7 +113,17 @@ def shares_a_window(file_bytes: bytes, captured: list[bytes], window: int = 64) 
     return any(data[i:i + half] in blocks for data in captured for i in range(len(data) - half + 1))
 
 
-def test_an_eavesdropper_on_the_fan_out_learns_nothing_of_the_file(tmp_path):
+KNOWN_SID = "eavesdroppedsid0"
+
+
+@pytest.fixture
+def known_stream_id(monkeypatch):
+    """Streams of this process get a stream id the eavesdropper knows (the worst case: ids are random)."""
+    monkeypatch.setattr(wire, "new_stream_id", lambda: KNOWN_SID)
+    return KNOWN_SID.encode()
+
+
+def test_an_eavesdropper_on_the_fan_out_learns_nothing_of_the_file(tmp_path, known_stream_id):
     src = tmp_path / "secret.bin"
     sha = make_file(str(src), MIB)
     dest = tmp_path / "site-1"
@@ -123,13 +133,16 @@ def test_an_eavesdropper_on_the_fan_out_learns_nothing_of_the_file(tmp_path):
             Cell("site-1", broker.address) as site:
         FileStreamer.register_stream_processing(FLContext(site), CHANNEL, TOPIC, dest_dir=str(dest),
                                                 stream_done_cb=lambda ctx, fl_ctx: done.append(dict(ctx)))
-        tap = Tap(server.context, server.fanout_endpoints[1])
+        tap = Tap(server.context, server.fanout_endpoints[1], known_stream_id)
+        everything = Tap(server.context, server.fanout_endpoints[1])
         try:
             time.sleep(0.3)  # let the tap's subscription reach the broker (it is a slow joiner too)
             assert send_file(server, CHANNEL, TOPIC, {}, ["site-1"], str(src), chunk_size=64 * KIB).ok
         finally:
             tap.close()
+            everything.close()
         wait_until(lambda: done, 10)
+    assert everything.frames == []  # the fan-out never applies a subscription to every stream
     assert sha256_of(FileStreamer.get_file_location(done[0])) == sha
     captured = [frames[2] for frames in tap.chunks()]
     plain = src.read_bytes()
@@ -138,7 +151,7 @@ def test_an_eavesdropper_on_the_fan_out_learns_nothing_of_the_file(tmp_path):
     assert shares_a_window(plain, [b"junk" + plain[1000:1100] + b"junk"])  # the check itself finds plaintext
 
 
-def test_a_tampered_chunk_on_the_fan_out_is_rejected_and_repaired(tmp_path):
+def test_a_tampered_chunk_on_the_fan_out_is_rejected_and_repaired(tmp_path, known_stream_id):
     src = str(tmp_path / "f.bin")
     sha = make_file(src, 2 * MIB)
     dest = tmp_path / "late"
@@ -151,7 +164,7 @@ def test_a_tampered_chunk_on_the_fan_out_is_rejected_and_repaired(tmp_path):
         FileStreamer.register_stream_processing(FLContext(late), CHANNEL, TOPIC, dest_dir=str(dest),
                                                 stream_done_cb=lambda ctx, fl_ctx: done.append(dict(ctx)))
         xsub_address, xpub_address = server.fanout_endpoints
-        tap = Tap(server.context, xpub_address)
+        tap = Tap(server.context, xpub_address, known_stream_id)
         publisher = server.context.socket(zmq.PUB)
         publisher.linger = 0
         publisher.connect(xsub_address)
