@@ -11,7 +11,6 @@ import pytest
 from fedstream.common import Signal
 from fedstream.nodes import Cell, FileDownloader, download_file
 from fedstream.nodes.pull.recipient import part_path
-from tests.procs import wait_until
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
 
 MiB = 1 << 20
@@ -195,19 +194,35 @@ def test_bad_input_raises_value_error(broker_address, tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+class _WatchedSignal(Signal):
+    """A Signal that tells (`polled`) once the download has looked at it `polls` times."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self._polls = polls
+        self.polled = threading.Event()
+
+    @property
+    def triggered(self) -> bool:
+        self._polls -= 1
+        if self._polls <= 0:
+            self.polled.set()
+        return super().triggered
+
+
 def test_abort_signal_also_interrupts_a_wait_for_a_silent_owner(procs, broker_address, tmp_path):
     source = str(tmp_path / "f.bin")
     make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     owner.proc.signal(signal.SIGSTOP)
-    abort = Signal()
+    abort = _WatchedSignal(polls=5)
     outcome = {}
     try:
         with Cell("site-1", broker_address) as cell:
             worker = threading.Thread(target=lambda: outcome.update(
                 result=download_file("owner", refs[source], 60, cell, str(tmp_path), abort_signal=abort)))
             worker.start()
-            wait_until(lambda: part_files(str(tmp_path)), 10)
+            assert abort.polled.wait(10)  # the download is waiting for the silent owner, watching the signal
             abort.trigger()
             worker.join(5)
             assert not worker.is_alive()
@@ -230,4 +245,4 @@ def test_a_file_larger_than_the_free_space_is_refused_before_data_flows(broker_a
         err, path = download_file("owner", ref, 10, site, str(dest))
         FileDownloader.delete_transaction(tx)
     assert path is None and "bytes free" in err
-    assert os.listdir(dest) == [f".fedstream-{ref}.part"]  # kept (empty) for a later attempt
+    assert os.listdir(dest) == []  # an empty .part is not worth keeping
