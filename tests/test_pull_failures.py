@@ -246,3 +246,34 @@ def test_a_file_larger_than_the_free_space_is_refused_before_data_flows(broker_a
         FileDownloader.delete_transaction(tx)
     assert path is None and "bytes free" in err
     assert os.listdir(dest) == []  # an empty .part is not worth keeping
+
+
+def test_an_owner_that_never_answers_open_leaves_no_part_file(procs, broker_address, tmp_path):
+    source = str(tmp_path / "src" / "f.bin")
+    os.mkdir(os.path.dirname(source))
+    make_file(source, 1000)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        error, path = download_file("nobody", refs[source], 1, cell, str(out))  # not connected
+        assert path is None and "'nobody' is not connected" in error
+        owner.proc.signal(signal.SIGSTOP)  # connected, but silent
+        try:
+            error, path = download_file("owner", refs[source], 0.5, cell, str(out))
+        finally:
+            owner.proc.signal(signal.SIGCONT)
+        assert path is None and "no reply from the owner" in error
+    assert os.listdir(out) == []
+
+
+def test_get_without_output_dir_leaves_nothing_in_the_current_directory(procs, broker_address, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    get = procs.fedstream("get", UNKNOWN_RID, "--from", "nobody", "--broker", broker_address, "--timeout", "30",
+                          cwd=str(cwd))
+    started = time.monotonic()
+    assert get.wait(30) != 0
+    assert time.monotonic() - started < 20  # an owner never reached fails fast, whatever --timeout says
+    assert "'nobody' is not connected" in get.stderr
+    assert os.listdir(cwd) == []
