@@ -1,6 +1,8 @@
 """A pull owner under hostile or greedy peers: bounded memory, capped requests, replies only from the owner."""
 
 import os
+import signal
+import threading
 
 from fedstream.nodes import Cell, download_file
 from fedstream.nodes.pull import wire
@@ -63,3 +65,50 @@ def test_a_greedy_recipient_is_slowed_by_busy_answers_not_failed(procs, broker_a
     result = receiver.one("result", timeout=120)
     assert result["error"] is None and sha256_of(result["path"]) == digest
     assert part_files(str(out)) == [] and os.listdir(out) == ["f.bin"]
+
+
+def test_forged_replies_verdicts_and_errors_from_a_third_node_are_ignored(procs, broker_address, tmp_path,
+                                                                          caplog):
+    size, chunk = 256 * 1024, 4096
+    source = str(tmp_path / "model.bin")
+    digest = make_file(source, size)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        forger = run_helper(procs, "pull_forger", broker_address, "forger", "site-1", "5000", str(size), str(chunk))
+        forger.expect("sweep")
+
+        def sweeps(count):
+            for _ in range(count):
+                forger.expect("sweep", timeout=30)
+
+        at_done = threading.Event()
+
+        def progress(received, total):
+            if received == total and not at_done.is_set():
+                owner.proc.signal(signal.SIGSTOP)  # the owner stalls just before the verdict
+                at_done.set()
+
+        outcome = {}
+        owner.proc.signal(signal.SIGSTOP)  # ... and before it answered anything
+        worker = threading.Thread(target=lambda: outcome.update(result=download_file(
+            "owner", refs[source], 30, cell, str(out), chunk_size=chunk, progress_cb=progress)))
+        try:
+            worker.start()
+            sweeps(3)  # forged open answers, data, verdicts and errors while only the forger speaks
+            owner.proc.signal(signal.SIGCONT)
+            assert at_done.wait(60)
+            sweeps(3)
+            owner.proc.signal(signal.SIGCONT)
+            worker.join(60)
+        finally:
+            owner.proc.signal(signal.SIGCONT)
+        assert not worker.is_alive()
+    error, path = outcome["result"]
+    assert error is None, error
+    assert path == str(out / "model.bin") and sha256_of(path) == digest
+    assert os.listdir(out) == ["model.bin"]
+    assert any("ignored a reply from 'forger'" in r.getMessage() for r in caplog.records)
+    done = owner.one("downloaded")
+    assert (done["site"], done["status"]) == ("site-1", "success")
