@@ -144,7 +144,9 @@ def test_lost_replies_are_resent_after_the_timeout_then_the_download_fails():
     assert len(win.due(0)) == 4
     assert win.handle(Replied(0, 10), 1.0) == [0]  # progress at 1.0
     assert win.due(1.0) == []  # the whole file is requested already
-    assert win.deadline() == pytest.approx(1.0 + TIMEOUT)
+    assert win.deadline() == pytest.approx(2.0)  # a probe of the owner's presence, 1 s after the last answer
+    assert win.probe_due(2.0) and not win.probe_due(2.5)
+    assert win.deadline() == pytest.approx(3.0)
     assert win.due(1.0 + TIMEOUT - 0.01) == []
     resent = win.due(1.0 + TIMEOUT)
     assert [r.offset for r in resent] == [10, 20, 30]  # every unanswered request, once
@@ -204,8 +206,7 @@ def test_an_owner_lost_mid_transfer_gets_a_grace_then_fails():
     win.due(0)
     assert win.handle(Replied(0, 10), 1.0) == [0]
     win.handle(Undeliverable(10, "gone"), 2.0)
-    assert win.deadline() == pytest.approx(2.1)  # the retry
-    win.due(2.1)
+    assert win.due(2.05) == [] and win.due(2.1) == [ChunkRequest(10, 10)]  # the retry
     win.handle(Undeliverable(10, "gone"), 2.2)
     assert win.due(6.9) == [ChunkRequest(10, 10)] and win.failure is None  # still within the grace
     win.handle(Undeliverable(10, "gone"), 6.95)
@@ -221,6 +222,56 @@ def test_an_owner_back_within_the_grace_goes_on():
     assert win.due(4.0) == [ChunkRequest(10, 10)]
     assert win.handle(Replied(10, 10), 4.5) == [10] and win.complete
     assert win.failure is None
+
+
+def test_requests_delivered_to_an_owner_that_vanished_are_noticed_by_probes():
+    policy = Policy(timeout=60.0, probe_interval=1.0, grace=5.0)
+    liveness = Liveness(policy, 0.0)
+    win = PullWindow(30, 0, 10, 3, liveness)
+    win.due(0)
+    assert win.handle(Replied(0, 10), 0.5) == [0]  # then the owner vanishes with 10 and 20 in flight
+    assert not win.probe_due(1.4) and win.probe_due(1.5)
+    liveness.handle_probe(Undeliverable(-1, "'owner' is not connected"), 1.51)
+    assert win.probe_due(2.5)
+    liveness.handle_probe(Undeliverable(-1, "'owner' is not connected"), 2.51)
+    assert win.due(6.5) == [] and win.failure is None  # the grace counts from the first absence
+    assert win.due(6.51) == [] and win.failure == Failure("'owner' is not connected")
+
+
+def test_a_probe_answer_ends_an_absence_but_is_no_answer_to_the_requests():
+    policy = Policy(timeout=10.0, probe_interval=1.0, grace=5.0)
+    liveness = Liveness(policy, 0.0)
+    win = PullWindow(20, 0, 10, 2, liveness)
+    win.due(0)
+    assert win.probe_due(1.0)
+    liveness.handle_probe(Undeliverable(-1, "gone"), 1.0)
+    assert win.probe_due(2.0)
+    liveness.handle_probe(Replied(-1), 2.5)  # the owner is back (its broker link was restarted)
+    assert win.failure is None and liveness.deadline() is None
+    assert liveness.reached and liveness.last_heard is None
+    assert [r.offset for r in win.due(2.5)] == [0, 10]  # sent before the absence: lost with it
+    assert win.due(2.6) == [] and not win.probe_due(2.9) and win.probe_due(3.0)
+    liveness.handle_probe(Replied(-1), 3.1)  # present all along: nothing to resend
+    assert win.due(3.2) == []
+    assert [r.offset for r in win.due(12.5)] == [0, 10]  # silent since 2.5: resent after the timeout
+
+
+def test_an_owner_that_answered_only_a_probe_counts_as_reached():
+    policy = Policy(timeout=60.0, probe_interval=1.0, first_contact=2.0, grace=5.0)
+    liveness = Liveness(policy, 0.0)
+    call = Call(liveness, 0.0)
+    assert call.due(0.0) and call.probe_due(1.0)
+    liveness.handle_probe(RetryLater(-1), 1.1)
+    call.handle(Undeliverable(0, "gone"), 1.2)
+    assert call.due(3.5) and call.failure is None  # past first_contact, within the grace
+
+
+def test_no_probe_without_requests_waiting():
+    win = make_window(10, chunk=10, window=1)
+    assert not win.probe_due(100.0)
+    win.due(100.0)
+    assert win.handle(Replied(0, 10), 100.1) == [0]
+    assert not win.probe_due(200.0)
 
 
 def test_retry_later_resends_after_the_delay_and_counts_as_an_answer():

@@ -50,6 +50,7 @@ from fedstream.nodes.pull.window import (
 log = logging.getLogger(__name__)
 
 _TICK = 0.1  # longest wait for replies between checks of the abort signal
+_PROBE = -1  # request key of presence probes (chunk offsets are >= 0, single calls use 0)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -204,9 +205,12 @@ class _Download:
         while not window.complete:
             if window.failure is not None:
                 raise _Failed.of(window.failure)
-            for request in window.due(time.monotonic()):
+            now = time.monotonic()
+            for request in window.due(now):
                 self._send(request.offset, wire.TOPIC_CHUNK,
                            {"ref": self.ref_id, "off": request.offset, "len": request.length})
+            if window.probe_due(now):
+                self._probe()
             for key, event, message, fatal in self._outcomes(window.deadline()):
                 if not window.wants(key):
                     continue
@@ -238,8 +242,11 @@ class _Download:
         while True:
             if call.failure is not None:
                 raise _Failed.of(call.failure)
-            if call.due(time.monotonic()):
+            now = time.monotonic()
+            if call.due(now):
                 self._send(0, topic, headers)
+            if call.probe_due(now):
+                self._probe()
             for key, event, message, fatal in self._outcomes(call.deadline()):
                 if key != 0:
                     continue
@@ -257,6 +264,11 @@ class _Download:
             raise _Failed(str(exc).rstrip(".")) from None
         self._pending.setdefault(key, []).append(pending)
         pending.future.add_done_callback(lambda _f: self._finished.put((key, pending)))
+
+    def _probe(self) -> None:
+        """Ask the owner something cheap to learn whether the broker still reaches it."""
+        self._forget(_PROBE)
+        self._send(_PROBE, wire.TOPIC_OPEN, {"ref": self.ref_id})
 
     def _outcomes(self, deadline: Optional[float]) -> list[_Outcome]:
         """Wait (at most until `deadline`, and a tick) for finished requests; return what they mean."""
@@ -277,7 +289,16 @@ class _Download:
             if sent is None or pending not in sent:
                 continue  # its key was answered already, or it belongs to an earlier phase
             sent.remove(pending)
-            outcomes.append(self._outcome(key, pending))
+            outcome = self._outcome(key, pending)
+            event = outcome[1]
+            if isinstance(event, Undeliverable) and self.liveness.deadline() is None:
+                log.info("'%s' is not reachable (%s); waiting up to %g s for it", self.owner,
+                         event.reason.rstrip("."), self.liveness.policy.grace if self.liveness.reached
+                         else self.liveness.policy.first_contact)
+            if key == _PROBE:
+                self.liveness.handle_probe(event, time.monotonic())
+            else:
+                outcomes.append(outcome)
         return outcomes
 
     def _outcome(self, key: int, pending: PendingRequest) -> _Outcome:

@@ -8,6 +8,12 @@ the answers out; nothing here touches a socket, a thread, a clock or a file:
    since when the broker has reported it absent: an owner never reached fails the download after
    `Policy.first_contact` seconds, one that answered before and then vanished gets
    `Policy.grace` seconds to come back (a restart of the owner's connection or of the broker).
+   Requests already delivered to an owner that then vanished get no answer at all, so after
+   `Policy.probe_interval` seconds without an answer the driver sends a probe (a cheap `open`):
+   the broker's "not connected" answer to it starts the grace; any answer ends the absence.
+   A probe's answer proves presence only: it never counts as an answer to the waiting requests.
+   When an absence ends, the requests sent before it are sent again at once: they went to a
+   connection that is gone, and their answers (if any) with it.
 2. `Call` is one request (`open`, `done`) with the resend rules below.
 3. `PullWindow(size, start, ...)` asks for chunks [offset, offset + length) from `start` (the
    length of a `.part` file kept by an earlier attempt: resume) to `size`, keeping up to `window`
@@ -39,6 +45,7 @@ class Policy:
     retry_delay: float = 0.1  # seconds before resending an undeliverable or deferred request
     first_contact: float = 2.0  # seconds an owner that never answered may be absent
     grace: float = 5.0  # seconds an owner that answered before may be absent
+    probe_interval: float = 1.0  # seconds without an answer before the owner's presence is probed
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,23 @@ class Liveness:
         self.policy = policy
         self.started = now
         self.last_heard: Optional[float] = None
+        self.reached = False  # the owner answered something (a request or a probe)
+        self.comebacks = 0  # absences that ended: requests sent before the last one are lost
         self._absent_since: Optional[float] = None
         self._absent_reason = ""
+        self._probed_at: Optional[float] = None
 
     def heard(self, now: float) -> None:
-        """The owner answered something."""
+        """The owner answered a request."""
         self.last_heard = now
-        self._absent_since = None
+        self.present()
+
+    def present(self) -> None:
+        """The owner answered a probe: it is there (its silence on requests is another matter)."""
+        self.reached = True
+        if self._absent_since is not None:
+            self.comebacks += 1
+            self._absent_since = None
 
     def absent(self, now: float, reason: str) -> None:
         """The broker reported the owner (or our own link) absent."""
@@ -133,8 +150,27 @@ class Liveness:
         """When the current absence becomes a failure (None while the owner is not absent)."""
         if self._absent_since is None:
             return None
-        limit = self.policy.first_contact if self.last_heard is None else self.policy.grace
+        limit = self.policy.grace if self.reached else self.policy.first_contact
         return self._absent_since + limit
+
+    def next_probe(self) -> float:
+        """When a probe is due if nothing is heard meanwhile."""
+        quiet_since = max(t for t in (self.started, self.last_heard, self._probed_at) if t is not None)
+        return quiet_since + self.policy.probe_interval
+
+    def probe_due(self, now: float) -> bool:
+        """True (once per interval) when a probe is to be sent now; the caller has requests waiting."""
+        if now < self.next_probe():
+            return False
+        self._probed_at = now
+        return True
+
+    def handle_probe(self, event: "Event", now: float) -> None:
+        """What a probe's outcome says: present (any answer), absent (undeliverable), or nothing."""
+        if isinstance(event, (Replied, RetryLater)):
+            self.present()
+        elif isinstance(event, Undeliverable):
+            self.absent(now, event.reason)
 
     def failure(self, now: float) -> Optional[Failure]:
         deadline = self.deadline()
@@ -148,6 +184,7 @@ class _Slot:
     sent_at: Optional[float] = None  # None: waiting to be sent at `send_at`
     send_at: float = 0.0
     rounds: int = 0  # silent rounds and rejections so far
+    comebacks: int = 0  # the owner's comebacks counted when it was sent
 
 
 @dataclass
@@ -172,8 +209,11 @@ class _Requests:
             return []
         keys = []
         for key, slot in self.slots.items():
+            if slot.sent_at is not None and slot.comebacks < self.liveness.comebacks:
+                self._resend(slot, now)  # sent to a connection that is gone since
             if slot.sent_at is None and slot.send_at <= now:
                 slot.sent_at = now
+                slot.comebacks = self.liveness.comebacks
                 keys.append(key)
         return keys
 
@@ -201,16 +241,23 @@ class _Requests:
             self._resend(slot, now)
         self._check(now)
 
+    def probe_due(self, now: float) -> bool:
+        """True when the owner's presence is to be probed now (requests are waiting for it)."""
+        return self.failure is None and self._sent() and self.liveness.probe_due(now)
+
     def deadline(self) -> Optional[float]:
-        """The next moment `due` or `failure` may change by itself."""
+        """The next moment `due`, `probe_due` or `failure` may change by itself."""
         times = [slot.send_at for slot in self.slots.values() if slot.sent_at is None]
         silence = self._silence_deadline()
         if silence is not None:
-            times.append(silence)
+            times += [silence, self.liveness.next_probe()]
         absence = self.liveness.deadline()
         if absence is not None:
             times.append(absence)
         return min(times) if times else None
+
+    def _sent(self) -> bool:
+        return any(slot.sent_at is not None for slot in self.slots.values())
 
     @staticmethod
     def _resend(slot: _Slot, at: float) -> None:
@@ -262,6 +309,10 @@ class Call:
     def due(self, now: float) -> bool:
         """True when the request is to be sent (again) now."""
         return not self.answered and bool(self._requests.due(now))
+
+    def probe_due(self, now: float) -> bool:
+        """True when a probe of the owner's presence is to be sent now."""
+        return not self.answered and self._requests.probe_due(now)
 
     def handle(self, event: Event, now: float) -> bool:
         """Take an event; True when it is the answer to keep."""
@@ -322,6 +373,10 @@ class PullWindow:
             self._requests.add(self._next, now)
             self._next += length
         return [ChunkRequest(offset, self._lengths[offset]) for offset in sorted(self._requests.due(now))]
+
+    def probe_due(self, now: float) -> bool:
+        """True when a probe of the owner's presence is to be sent now."""
+        return self.failure is None and self._requests.probe_due(now)
 
     def handle(self, event: Event, now: float) -> list[int]:
         """Take an event; return the offsets whose data is to be written now, in order."""
