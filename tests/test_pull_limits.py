@@ -31,6 +31,7 @@ def test_a_flood_of_chunk_requests_that_are_never_read_leaves_the_owner_under_bu
     assert sha256_of(result["path"]) == digest
     peak = peak_rss(owner.proc.pid)
     assert peak is not None and peak < MEMORY_BUDGET, f"owner peak RSS {peak / MiB:.0f} MiB"
+    assert result["peak_rss"] < MEMORY_BUDGET, f"recipient peak RSS {result['peak_rss'] / MiB:.0f} MiB"
 
 
 def test_oversized_chunk_requests_are_refused(procs, broker_address, tmp_path):

@@ -21,6 +21,7 @@ import queue
 import shutil
 import stat
 import time
+from concurrent.futures import Future
 from typing import Callable, Optional
 
 from fedstream.common import digest as digests
@@ -125,7 +126,7 @@ class _Download:
         self.progress_cb = progress_cb
         self.keep_partial = keep_partial
         self.liveness = Liveness(Policy(timeout), time.monotonic())
-        self._finished: "queue.SimpleQueue[tuple[int, PendingRequest]]" = queue.SimpleQueue()
+        self._finished: "queue.SimpleQueue[tuple[int, Future]]" = queue.SimpleQueue()
         self._pending: dict[int, list[PendingRequest]] = {}  # key -> requests sent and not resolved
 
     # -- driver ------------------------------------------------------------------------------
@@ -263,7 +264,9 @@ class _Download:
         except CellError as exc:
             raise _Failed(str(exc).rstrip(".")) from None
         self._pending.setdefault(key, []).append(pending)
-        pending.future.add_done_callback(lambda _f: self._finished.put((key, pending)))
+        # The callback must not refer to `pending`: a cycle through the future would keep every
+        # reply's bytes alive until the garbage collector happens to run.
+        pending.future.add_done_callback(lambda future: self._finished.put((key, future)))
 
     def _probe(self) -> None:
         """Ask the owner something cheap to learn whether the broker still reaches it."""
@@ -284,11 +287,11 @@ class _Download:
             except queue.Empty:
                 break
         outcomes = []
-        for key, pending in finished:
-            sent = self._pending.get(key)
-            if sent is None or pending not in sent:
+        for key, future in finished:
+            pending = next((p for p in self._pending.get(key, ()) if p.future is future), None)
+            if pending is None:
                 continue  # its key was answered already, or it belongs to an earlier phase
-            sent.remove(pending)
+            self._pending[key].remove(pending)
             outcome = self._outcome(key, pending)
             event = outcome[1]
             if isinstance(event, Undeliverable) and self.liveness.deadline() is None:

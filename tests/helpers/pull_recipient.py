@@ -3,7 +3,8 @@
 Run as `python -m tests.helpers.pull_recipient BROKER NAME OWNER LOCATION OPTIONS_JSON REF...`.
 Options: timeout (per request), chunk_size, window, delay (seconds slept per progress call),
 report (print `progress` every N bytes), abort_after (trigger the abort signal after N bytes).
-Prints `ready`, then per RID `start` (first progress call) and `result`, then `finished`.
+Prints `ready`, then per RID `start` (first progress call) and `result` (with this process's
+peak RSS so far), then `finished`.
 """
 
 import json
@@ -12,6 +13,7 @@ import time
 
 from fedstream.common import Signal
 from fedstream.nodes import Cell, download_file
+from fedstream.nodes.simulate.procstats import peak_rss
 
 
 def emit(kind: str, **data: object) -> None:
@@ -49,7 +51,7 @@ def main() -> None:
             error, path = download_file(owner, ref, timeout, cell, location, abort_signal=abort,
                                         progress_cb=progress, **options)
             emit("result", ref=ref, error=error, path=path, seconds=time.monotonic() - started,
-                 at=time.monotonic())
+                 at=time.monotonic(), peak_rss=peak_rss())
     emit("finished")
 
 
