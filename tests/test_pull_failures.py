@@ -146,9 +146,10 @@ def test_frozen_owner_gives_an_error_after_the_timeout_not_a_hang(procs, broker_
         owner.proc.signal(signal.SIGCONT)
 
 
-def test_abort_signal_stops_the_download_and_removes_the_part(procs, broker_address, tmp_path):
+def test_abort_signal_stops_the_download_and_removes_the_part_and_a_retry_succeeds(procs, broker_address,
+                                                                                   tmp_path):
     source = str(tmp_path / "f.bin")
-    make_file(source, 4 * MiB)
+    digest = make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     out = tmp_path / "out"
     out.mkdir()
@@ -159,6 +160,13 @@ def test_abort_signal_stops_the_download_and_removes_the_part(procs, broker_addr
     assert os.listdir(out) == []
     gave_up = owner.one("downloaded")  # the recipient told the owner it gave up
     assert (gave_up["site"], gave_up["status"]) == ("site-1", "failed")
+    receiver.one("finished")
+    # a new attempt by the same recipient is not poisoned by the abort: a fresh outcome, a success
+    retry = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]])
+    result = retry.one("result")
+    assert result["error"] is None and sha256_of(result["path"]) == digest
+    done = owner.wait("downloaded", count=2)[1]
+    assert (done["site"], done["status"]) == ("site-1", "success")
 
 
 def test_source_changed_during_the_transfer_is_an_error(procs, broker_address, tmp_path):

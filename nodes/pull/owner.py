@@ -165,7 +165,7 @@ class PullOwner:
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
             return shared
-        shared.mark_started(msg.source)
+        shared.begin(msg.source)
         return Reply(None, {"name": shared.name, "size": shared.size, "alg": digests.ALGORITHM})
 
     def _serve_chunk(self, msg: Message) -> "zmq.Frame | bytes | Reply":

@@ -2,7 +2,8 @@
 
 The owner keeps no cursor per recipient: every chunk request names its offset. Per recipient a
 SharedFile only remembers whether it started and whether its outcome was reported, so each
-file_downloaded_cb fires once. The digest is computed once in a background thread (and cached
+file_downloaded_cb fires once per attempt: once for a success, and a recipient that failed (say,
+aborted) and opens the file again starts a fresh outcome. The digest is computed once in a background thread (and cached
 by file identity, so a file shared again is not hashed again).
 """
 
@@ -148,6 +149,12 @@ class SharedFile:
     def mark_started(self, site: str) -> None:
         with self._lock:
             self.recipients.setdefault(site, _STARTED)
+
+    def begin(self, site: str) -> None:
+        """`site` opens the file: a new attempt after a failure gets a fresh outcome (and callback)."""
+        with self._lock:
+            if self.recipients.get(site) != DownloadStatus.SUCCESS:
+                self.recipients[site] = _STARTED
 
     def finish(self, site: str, status: DownloadStatus) -> bool:
         """Record `site`'s outcome; True only the first time (the callback must then fire)."""
