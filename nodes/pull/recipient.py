@@ -366,9 +366,12 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
 
     Returns (None, full path) on success, (error message, None) on failure. A failed download keeps
     its partial data so that a later call with the same RID and location resumes it; an abort or
-    an unknown RID removes it. `per_request_timeout` is how long the owner may stay silent.
-    `chunk_size` and `window` (requests in flight) tune throughput; `progress_cb(received, total)`
-    is called as data is written. `keep_partial=False` removes the partial data on any failure.
+    an unknown RID removes it, and nothing is created before the owner answered. The owner may
+    leave requests unanswered for `per_request_timeout` seconds (three times, then the download
+    fails); an owner the broker reports as not connected fails it after 2 s, or after a 5 s grace
+    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight) tune
+    throughput; `progress_cb(received, total)` is called as data is written.
+    `keep_partial=False` removes the partial data on any failure.
     """
     validate_fqcn(from_fqcn)
     if not wire.is_valid_ref(ref_id):
