@@ -7,7 +7,7 @@ import threading
 from fedstream.nodes import Cell, download_file
 from fedstream.nodes.pull import wire
 from fedstream.nodes.simulate.procstats import peak_rss
-from tests.pull_support import make_file, part_files, run_helper, sha256_of, start_owner, start_receiver
+from tests.pull_support import Events, make_file, part_files, run_helper, sha256_of, start_owner, start_receiver
 
 MiB = 1 << 20
 MEMORY_BUDGET = 100 * MiB
@@ -113,3 +113,21 @@ def test_forged_replies_verdicts_and_errors_from_a_third_node_are_ignored(procs,
     assert any("ignored a reply from 'forger'" in r.getMessage() for r in caplog.records)
     done = owner.one("downloaded")
     assert (done["site"], done["status"]) == ("site-1", "success")
+
+
+def test_a_transaction_of_5000_files_is_served_under_a_1024_open_file_limit(procs, broker_address, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    owner = Events(run_helper(procs, "pull_many_files", broker_address, "owner", "5000", str(shared)))
+    refs = owner.one("refs", timeout=120)
+    owner.one("ready")
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        for index in [0, 1, 2499, 4999, *range(100, 164)]:
+            error, path = download_file("owner", refs[index], 10, cell, str(out))
+            assert error is None, error
+            with open(path) as received:
+                assert received.read() == f"file {index:09d}\n"
+    open_fds = len(os.listdir(f"/proc/{owner.proc.pid}/fd"))
+    assert open_fds < 200, f"the owner holds {open_fds} open descriptors"

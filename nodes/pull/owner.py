@@ -3,7 +3,9 @@
 1. `FileDownloader.new_transaction(cell, ...)` finds (or starts) the cell's `PullOwner`, which
    registers the pull handlers on the cell and a stop hook: stopping the cell ends its
    transactions (their timeout_cb fires) and the owner's monitor thread.
-2. `add_file` opens the file, gives it a RID and starts its digest in the background.
+2. `add_file` checks the file, gives it a RID and queues its digest for the owner's digest
+   workers. Files are opened on demand through the owner's `OpenFiles` (a bounded set of
+   descriptors), so a transaction may share thousands of files.
 3. Handlers: `open` and `done` answer from memory on the Cell's I/O thread (the verdict is posted
    before any callback can run); `chunk` runs in the Cell's worker pool, reserves the reply's
    bytes in a `ReplyBudget` (too many in flight to that requester: "busy"), reads straight into
@@ -30,6 +32,7 @@ from fedstream.nodes.message import Message, Reply
 from fedstream.nodes.per_cell import PerCell
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
+from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile, call_user_cb
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,8 @@ class PullOwner:
         self._transactions: dict[str, _Transaction] = {}
         self._files: dict[str, tuple[_Transaction, SharedFile]] = {}
         self._digests = DigestCache()
+        self._open_files = OpenFiles()
+        self._digest_workers = DigestWorkers(name=f"fedstream-digest-{self.fqcn}")
         self._budget = ReplyBudget()
         self._budget_lock = threading.Lock()
         self._sending: list[tuple[int, zmq.MessageTracker]] = []  # (budget token, tracker of its reply)
@@ -90,7 +95,7 @@ class PullOwner:
             return self._transactions.get(tx_id)
 
     def add_file(self, tx: _Transaction, file_name: str, cb: Optional[Callable], cb_kwargs: dict) -> str:
-        shared = SharedFile(file_name, cb, cb_kwargs)
+        shared = SharedFile(file_name, cb, cb_kwargs, self._open_files)
         with self._lock:
             if tx.ended:
                 shared.close()
@@ -98,7 +103,7 @@ class PullOwner:
             tx.files.append(shared)
             self._files[shared.ref_id] = (tx, shared)
             tx.touch()
-        shared.start_digest(self._digests)
+        shared.start_digest(self._digests, self._digest_workers)
         log.debug("shared %s as %s (%d bytes)", file_name, shared.ref_id, shared.size)
         return shared.ref_id
 
@@ -132,6 +137,7 @@ class PullOwner:
         """The cell stops: end every transaction and the monitor thread."""
         self._stopping.set()
         self.end_all()
+        self._digest_workers.stop()
         with self._lock:
             monitor = self._monitor
         if monitor is not None and monitor is not threading.current_thread():

@@ -1,10 +1,12 @@
-"""A file shared by a pull owner: its open descriptor, identity, digest and recipients' outcomes.
+"""A file shared by a pull owner: its identity, digest and recipients' outcomes.
 
 The owner keeps no cursor per recipient: every chunk request names its offset. Per recipient a
 SharedFile only remembers whether it started and whether its outcome was reported, so each
 file_downloaded_cb fires once per attempt: once for a success, and a recipient that failed (say,
 aborted) and opens the file again starts a fresh outcome. The digest is computed once in a background thread (and cached
-by file identity, so a file shared again is not hashed again).
+by file identity, so a file shared again is not hashed again). Its descriptor comes from the
+owner's OpenFiles, opened on demand; a reopened file must still have the identity (device,
+inode, size, mtime) it had when it was added, or it counts as changed.
 """
 
 import logging
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 from fedstream.common import digest as digests
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.pull import wire
+from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,9 @@ class DigestCache:
 
 
 class SharedFile:
-    """A file added to a transaction: an open descriptor, its identity, digest and recipients."""
+    """A file added to a transaction: its path and identity, digest and recipients."""
 
-    def __init__(self, file_name: str, cb: Optional[Callable], cb_kwargs: dict) -> None:
+    def __init__(self, file_name: str, cb: Optional[Callable], cb_kwargs: dict, files: OpenFiles) -> None:
         self.ref_id = wire.new_id()
         self.file_name = file_name
         self.name = os.path.basename(os.path.abspath(file_name))
@@ -69,15 +72,16 @@ class SharedFile:
             fd = os.open(file_name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise ValueError(f"File {file_name!r} cannot be read: {exc.strerror}.") from None
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)  # opened again on demand: thousands of shared files must not hold thousands of fds
         if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
             raise ValueError(f"{file_name!r} is not a regular file.")
-        self._fd = fd
+        self._files = files
         self.size = st.st_size
         self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self._lock = threading.Lock()
-        self._readers = 0
         self._closed = False
         self.recipients: dict[str, str] = {}
         self.digest: Optional[str] = None
@@ -87,48 +91,39 @@ class SharedFile:
     # -- reading -----------------------------------------------------------------------
     @contextmanager
     def reading(self) -> Iterator[int]:
-        """The file descriptor, guaranteed to stay open until the block ends."""
-        with self._lock:
-            if self._closed:
-                raise Closed()
-            self._readers += 1
-        try:
-            yield self._fd
-        finally:
-            with self._lock:
-                self._readers -= 1
-                if self._closed and self._readers == 0 and self._fd >= 0:
-                    os.close(self._fd)
-                    self._fd = -1
+        """A descriptor of the file, open until the block ends; check `changed(fd)` before trusting it."""
+        if self._closed:
+            raise Closed()
+        with self._files.reading(self.ref_id, self.file_name) as fd:
+            yield fd
 
     def close(self) -> None:
         """Stop serving; the descriptor is closed as soon as no reader uses it."""
-        with self._lock:
-            self._closed = True
-            if self._readers == 0 and self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        self._closed = True
+        self._files.discard(self.ref_id)
 
     def changed(self, fd: int) -> bool:
-        """Tell whether the file was modified since it was added."""
+        """Tell whether the file behind `fd` is not the one added (replaced, resized or modified)."""
         st = os.fstat(fd)
-        return (st.st_size, st.st_mtime_ns) != self._identity[2:]
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity
 
     # -- digest ------------------------------------------------------------------------
-    def start_digest(self, cache: "DigestCache") -> None:
-        """Use the cached digest, or compute it in a background thread."""
+    def start_digest(self, cache: "DigestCache", workers: DigestWorkers) -> None:
+        """Use the cached digest, or have `workers` compute it."""
         cached = cache.get(self._identity)
         if cached is not None:
             self.digest = cached
             self.digest_ready.set()
             return
-        threading.Thread(target=self._compute_digest, args=(cache,), name=f"fedstream-digest-{self.ref_id[:8]}",
-                         daemon=True).start()
+        workers.submit(lambda: self._compute_digest(cache))
 
     def _compute_digest(self, cache: "DigestCache") -> None:
         hasher = digests.new_hasher()
         try:
             with self.reading() as fd:
+                if self.changed(fd):
+                    self.digest_error = (wire.ERR_CHANGED, f"the file {self.name!r} changed on the owner")
+                    return
                 digests.hash_range(fd, hasher, 0, self.size, should_stop=lambda: self._closed)
                 if self._closed:
                     return
