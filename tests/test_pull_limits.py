@@ -131,3 +131,30 @@ def test_a_transaction_of_5000_files_is_served_under_a_1024_open_file_limit(proc
                 assert received.read() == f"file {index:09d}\n"
     open_fds = len(os.listdir(f"/proc/{owner.proc.pid}/fd"))
     assert open_fds < 200, f"the owner holds {open_fds} open descriptors"
+
+
+def _resources(pid: "int | str") -> tuple[int, int]:
+    """(open descriptors, threads) of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_back_to_back_pulls_leak_no_descriptors_or_threads(procs, broker_address, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    owner = Events(run_helper(procs, "pull_many_files", broker_address, "owner", "110", str(shared)))
+    refs = owner.one("refs", timeout=60)
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        def pull(indexes):
+            for index in indexes:
+                error, path = download_file("owner", refs[index], 10, cell, str(out))
+                assert error is None, error
+                os.unlink(path)
+
+        pull(range(10))  # warm up: the pools and caches of both sides are in use now
+        before = _resources(owner.proc.pid), _resources("self")
+        pull(range(10, 110))
+        after = _resources(owner.proc.pid), _resources("self")
+    for (fds_before, threads_before), (fds_after, threads_after) in zip(before, after):
+        assert fds_after <= fds_before + 5 and threads_after <= threads_before + 2, (before, after)
