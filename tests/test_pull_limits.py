@@ -158,3 +158,24 @@ def test_back_to_back_pulls_leak_no_descriptors_or_threads(procs, broker_address
         after = _resources(owner.proc.pid), _resources("self")
     for (fds_before, threads_before), (fds_after, threads_after) in zip(before, after):
         assert fds_after <= fds_before + 5 and threads_after <= threads_before + 2, (before, after)
+
+
+def test_forty_recipients_in_four_processes_pull_one_file_at_once(procs, broker_address, tmp_path):
+    source = str(tmp_path / "model.bin")
+    digest = make_file(source, 8 * MiB)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    groups = [Events(run_helper(procs, "pull_many_recipients", broker_address, "owner", refs[source], str(out),
+                                f"p{n}", "10")) for n in range(4)]
+    results = [result for group in groups for result in group.wait("result", timeout=180, count=10)]
+    for result in results:
+        assert result["error"] is None, result
+        assert sha256_of(result["path"]) == digest
+    downloaded = owner.wait("downloaded", count=40, timeout=30)
+    assert sorted(d["site"] for d in downloaded) == sorted(r["site"] for r in results)
+    assert {d["status"] for d in downloaded} == {"success"}
+    assert peak_rss(owner.proc.pid) < MEMORY_BUDGET
+    for group in groups:
+        group.one("finished")
+    assert len(owner.of("downloaded")) == 40  # exactly once per recipient
