@@ -348,3 +348,19 @@ def test_the_state_modules_import_no_sockets_threads_clocks_or_files():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module.split(".")[0])
         assert not imported & forbidden, (name, imported & forbidden)
+
+
+def test_buffer_pool_reuses_power_of_two_buffers_within_its_idle_limit():
+    from fedstream.nodes.pull.buffers import SMALLEST, BufferPool, buffer_size
+
+    assert [buffer_size(n) for n in (1, SMALLEST, SMALLEST + 1, 1 << 20, (1 << 20) + 1)] == \
+        [SMALLEST, SMALLEST, 2 * SMALLEST, 1 << 20, 2 << 20]
+    pool = BufferPool(idle_limit=3 << 20)
+    first = pool.take(1000 * 1000)
+    assert len(first) == 1 << 20
+    pool.give(first)
+    assert pool.take(1 << 20) is first and pool.idle() == 0
+    kept = [pool.take(1 << 20) for _ in range(4)]
+    for buffer in kept:
+        pool.give(buffer)
+    assert pool.idle() == 3 << 20  # the fourth was left to the allocator

@@ -9,7 +9,8 @@
 3. Handlers: `open` and `done` answer from memory on the Cell's I/O thread (the verdict is posted
    before any callback can run); `chunk` runs in the Cell's worker pool, reserves the reply's
    bytes in a `ReplyBudget` (too many in flight to that requester: "busy"), reads straight into
-   the buffer that is sent, and releases the bytes once the reply frame left the process.
+   a pooled buffer that becomes the reply frame, and releases the bytes and the buffer once the
+   frame left the process (its tracker is done).
 4. A monitor thread ends transactions idle for their timeout; `FileDownloader.shutdown()` ends all.
 
 Every failed request is answered with `Reply.failure(code, sentence)` (codes in wire.py).
@@ -32,6 +33,7 @@ from fedstream.nodes.message import Message, Reply
 from fedstream.nodes.per_cell import PerCell
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
+from fedstream.nodes.pull.buffers import BufferPool, buffer_size
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile, call_user_cb
 
@@ -70,7 +72,9 @@ class PullOwner:
         self._digest_workers = DigestWorkers(name=f"fedstream-digest-{self.fqcn}")
         self._budget = ReplyBudget()
         self._budget_lock = threading.Lock()
-        self._sending: list[tuple[int, zmq.MessageTracker]] = []  # (budget token, tracker of its reply)
+        self._buffers = BufferPool()
+        # replies on their way out: (budget token, tracker of the frame, its buffer)
+        self._sending: list[tuple[int, zmq.MessageTracker, Optional[bytearray]]] = []
         self._stopping = threading.Event()
         self._monitor: Optional[threading.Thread] = None
         cell.register_request_cb(wire.CHANNEL, wire.TOPIC_OPEN, self._serve_open, inline=True)
@@ -184,31 +188,32 @@ class PullOwner:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad chunk request: offset {offset!r}, length {length!r} "
                                                       f"(at most {wire.MAX_CHUNK_LENGTH} bytes)")
         length = max(0, min(length, shared.size - offset))
-        token = self._reserve(msg.source, length)
+        token = self._reserve(msg.source, buffer_size(length) if length else 0)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
+        buffer = self._buffers.take(length) if length else None
         reply: "zmq.Frame | bytes | Reply" = b""
         try:
-            reply = self._read(shared, offset, length)
-        finally:  # a frame holds its bytes until it left the process; anything else frees them now
+            reply = self._read(shared, offset, length, buffer)
+        finally:  # a frame holds its buffer until it left the process; anything else frees it now
             if isinstance(reply, zmq.Frame):
                 with self._budget_lock:
-                    self._sending.append((token, reply.tracker))
+                    self._sending.append((token, reply.tracker, buffer))
             else:
-                self._release(token)
+                self._release(token, buffer)
         return reply
 
     @staticmethod
-    def _read(shared: SharedFile, offset: int, length: int) -> "zmq.Frame | bytes | Reply":
-        """The reply to a chunk request: the bytes read straight into the frame that is sent."""
+    def _read(shared: SharedFile, offset: int, length: int,
+              buffer: Optional[bytearray]) -> "zmq.Frame | bytes | Reply":
+        """The reply to a chunk request: the bytes read straight into the buffer of the frame that is sent."""
         try:
             with shared.reading() as fd:
                 if shared.changed(fd):
                     return Reply.failure(wire.ERR_CHANGED, f"the file {shared.name!r} changed on the owner")
-                if length == 0:
+                if buffer is None:
                     return b""
-                buffer = bytearray(length)
-                count = os.preadv(fd, [buffer], offset)
+                count = os.preadv(fd, [memoryview(buffer)[:length]], offset)
         except Closed:
             return Reply.failure(wire.ERR_UNKNOWN_REF, f"{wire.UNKNOWN_REF_MESSAGE} {shared.ref_id!r}")
         except OSError as exc:
@@ -244,17 +249,21 @@ class PullOwner:
         """Reserve reply bytes for `requester`, first freeing those of replies that left the process."""
         with self._budget_lock:
             still = []
-            for token, tracker in self._sending:
+            for token, tracker, buffer in self._sending:
                 if tracker.done:
                     self._budget.release(token)
+                    if buffer is not None:
+                        self._buffers.give(buffer)
                 else:
-                    still.append((token, tracker))
+                    still.append((token, tracker, buffer))
             self._sending = still
             return self._budget.reserve(requester, nbytes)
 
-    def _release(self, token: int) -> None:
+    def _release(self, token: int, buffer: Optional[bytearray]) -> None:
         with self._budget_lock:
             self._budget.release(token)
+        if buffer is not None:
+            self._buffers.give(buffer)
 
 
 def _report_later(shared: SharedFile, site: str, status: DownloadStatus) -> None:

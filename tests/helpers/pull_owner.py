@@ -16,8 +16,12 @@ from fedstream.common import DownloadStatus
 from fedstream.nodes import Cell, FileDownloader
 
 
+_lock = threading.Lock()  # callbacks run in threads of their own: one whole line at a time
+
+
 def emit(kind: str, **data: object) -> None:
-    print(kind, json.dumps(data), flush=True)
+    with _lock:
+        print(f"{kind} {json.dumps(data)}", flush=True)
 
 
 def on_timeout(tx_id: str, file_names: list, **kwargs: object) -> None:
