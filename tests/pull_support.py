@@ -1,87 +1,19 @@
 """Owner and recipient processes for the pull tests, and a reader of their event lines.
 
-Both print one event per line: `<kind> <json>`; "at" fields are time.monotonic() values, which
+The programs are modules under tests/helpers/, run with `python -m` in the test's tmp_path. They
+print one event per line: `<kind> <json>`; "at" fields are time.monotonic() values, which
 processes on one machine share.
 """
-
 
 import json
 import os
 import queue
+import sys
 import time
 from typing import Callable, Optional
 
 from fedstream.nodes.simulate.files import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
-
-OWNER = r"""
-import json, signal, sys, time
-from fedstream.common import DownloadStatus
-from fedstream.nodes import Cell, FileDownloader
-
-broker, name, timeout, tx_kwargs = sys.argv[1:5]
-files = sys.argv[5:]
-
-def emit(kind, **data):
-    print(kind, json.dumps(data), flush=True)
-
-def on_timeout(tx_id, file_names, **kwargs):
-    emit("timeout", tx=tx_id, files=file_names, kwargs=kwargs, at=time.monotonic())
-
-def on_downloaded(ref_id, to_site, status, file_name, **kwargs):
-    emit("downloaded", ref=ref_id, site=to_site, status=str(status),
-         is_status=isinstance(status, DownloadStatus), file=file_name, kwargs=kwargs)
-
-cell = Cell(name, broker).start()
-tx = FileDownloader.new_transaction(cell, float(timeout), on_timeout, **json.loads(tx_kwargs))
-for index, path in enumerate(files):
-    emit("ref", ref=FileDownloader.add_file(tx, path, on_downloaded, index=index), file=path, tx=tx)
-signal.signal(signal.SIGUSR1, lambda *_: FileDownloader.shutdown())
-emit("ready")
-while True:
-    time.sleep(0.1)
-"""
-
-RECEIVER = r"""
-import json, sys, time
-from fedstream.common import Signal
-from fedstream.nodes import Cell, download_file
-
-broker, name, owner, location, options = sys.argv[1:6]
-refs = sys.argv[6:]
-options = json.loads(options)
-delay = options.pop("delay", 0)
-abort_after = options.pop("abort_after", None)
-report = options.pop("report", None)
-timeout = options.pop("timeout", 10)
-
-def emit(kind, **data):
-    print(kind, json.dumps(data), flush=True)
-
-with Cell(name, broker) as cell:
-    emit("ready")
-    for ref in refs:
-        abort = Signal()
-        state = {"first": True, "reported": 0}
-
-        def progress(received, total):
-            if state["first"]:
-                state["first"] = False
-                emit("start", ref=ref, received=received, total=total)
-            if report and received - state["reported"] >= report:
-                state["reported"] = received
-                emit("progress", ref=ref, received=received, total=total)
-            if abort_after is not None and received >= abort_after:
-                abort.trigger()
-            if delay:
-                time.sleep(delay)
-
-        started = time.monotonic()
-        error, path = download_file(owner, ref, timeout, cell, location, abort_signal=abort,
-                                    progress_cb=progress, **options)
-        emit("result", ref=ref, error=error, path=path, seconds=time.monotonic() - started, at=time.monotonic())
-emit("finished")
-"""
 
 
 class Events:
@@ -131,10 +63,16 @@ class Events:
         return self.wait(kind, timeout, where)[0]
 
 
+def run_helper(procs: Procs, module: str, *args: str) -> Proc:
+    """Run `python -m tests.helpers.<module> ARGS...` in the test's tmp_path."""
+    return procs.start([sys.executable, "-m", f"tests.helpers.{module}", *args], cwd=str(procs.tmp_path))
+
+
 def start_owner(procs: Procs, broker: str, files: list[str], timeout: float = 60.0, name: str = "owner",
                 tx_kwargs: Optional[dict] = None) -> tuple[Events, dict[str, str]]:
     """An owner process sharing `files` in one transaction; returns its events and {file: ref}."""
-    events = Events(procs.python(OWNER, broker, name, str(timeout), json.dumps(tx_kwargs or {}), *files))
+    events = Events(run_helper(procs, "pull_owner", broker, name, str(timeout), json.dumps(tx_kwargs or {}),
+                                *files))
     events.one("ready")
     return events, {e["file"]: e["ref"] for e in events.of("ref")}
 
@@ -146,13 +84,10 @@ def start_receiver(procs: Procs, broker: str, name: str, location: str, refs: li
     Options: timeout (per request), chunk_size, window, delay (seconds per chunk), report (print
     progress every N bytes), abort_after (trigger the abort signal after N bytes).
     """
-    events = Events(procs.python(RECEIVER, broker, name, owner, location, json.dumps(options), *refs))
+    events = Events(run_helper(procs, "pull_recipient", broker, name, owner, location, json.dumps(options),
+                                *refs))
     events.one("ready")
     return events
-
-
-
-
 
 
 def part_files(location: str) -> list[str]:

@@ -1,6 +1,7 @@
 """`fedstream serve` and `fedstream get` as a user runs them."""
 
 import os
+import signal
 
 from tests.procs import run_cli_on_a_terminal
 from tests.pull_support import make_file, sha256_of
@@ -26,7 +27,8 @@ def assert_one_line_error(proc, *fragments):
 def test_serve_and_get_round_trip(procs, broker_address, tmp_path):
     files = [str(tmp_path / "a.bin"), str(tmp_path / "empty.bin")]
     digests = [make_file(files[0], 3 * MiB + 7), make_file(files[1], 0)]
-    serve = procs.fedstream("serve", *files, "--broker", broker_address, "--as", "owner", "--timeout", "2")
+    # a timeout no get can outlast, however loaded the machine: serve ends on Ctrl-C below
+    serve = procs.fedstream("serve", *files, "--broker", broker_address, "--as", "owner", "--timeout", "300")
     refs = serve_lines(serve, 2)
     assert sorted(refs) == sorted(files)
     for path, digest in zip(files, digests):
@@ -37,7 +39,16 @@ def test_serve_and_get_round_trip(procs, broker_address, tmp_path):
         assert lines[-1] == str(out / os.path.basename(path))
         assert sha256_of(lines[-1]) == digest
         assert get.stderr == ""  # no progress bar when stderr is not a terminal
-    assert serve.wait(30) == 0, serve.stderr  # ends by itself after 2 s without activity
+    serve.signal(signal.SIGINT)
+    assert serve.wait(30) == 0, serve.stderr
+
+
+def test_serve_ends_by_itself_after_its_timeout_without_activity(procs, broker_address, tmp_path):
+    src = str(tmp_path / "f.bin")
+    make_file(src, 10)
+    serve = procs.fedstream("serve", src, "--broker", broker_address, "--as", "owner", "--timeout", "1")
+    serve_lines(serve, 1)
+    assert serve.wait(30) == 0, serve.stderr
 
 
 def test_serve_announces_to_nodes_and_ends_when_all_have_the_files(procs, broker_address, tmp_path):

@@ -23,6 +23,8 @@ SOCKET_FREE = [
     "fedstream.common.peerlog",
     "fedstream.nodes.push.window",
     "fedstream.nodes.push.assembly",
+    "fedstream.nodes.pull.window",
+    "fedstream.nodes.pull.budget",
 ]
 FORBIDDEN_IN_SOCKET_FREE = {"zmq", "threading", "time", "os", "socket", "select", "subprocess", "asyncio",
                             "concurrent", "shutil"}

@@ -1,5 +1,6 @@
 """Pull failures: bad and expired RIDs, killed or frozen peers, resume, abort, bad input."""
 
+import logging
 import os
 import shutil
 import signal
@@ -70,19 +71,62 @@ def test_recipient_killed_mid_download_resumes_to_the_same_file(procs, broker_ad
     assert (done["site"], done["status"]) == ("site-1b", "success")
 
 
-def test_owner_killed_mid_download_gives_an_error_and_keeps_the_part(procs, broker_address, tmp_path):
+def test_owner_killed_mid_download_fails_after_a_grace_whatever_the_timeout_and_keeps_the_part(
+        procs, broker_address, tmp_path):
     source = str(tmp_path / "f.bin")
     make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
-    receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=2,
+    receiver = start_receiver(procs, broker_address, "site-1", str(tmp_path), [refs[source]], timeout=120,
                               chunk_size=64 * 1024, delay=0.04, report=256 * 1024)
     receiver.one("progress")
     owner.proc.kill()
     killed_at = time.monotonic()
-    result = receiver.one("result", timeout=30)
-    assert result["path"] is None and "owner" in result["error"]
-    assert time.monotonic() - killed_at < 2 + 5  # the timeout, plus a process start's worth of slack
+    result = receiver.one("result", timeout=60)
+    assert result["path"] is None and "'owner' is not connected" in result["error"]
+    # a probe finds the owner gone, then it has its grace (5 s) to come back: far less than 120 s
+    assert time.monotonic() - killed_at < 40
     assert len(part_files(str(tmp_path))) == 1  # kept for a later resume
+
+
+def test_an_owner_never_reached_fails_within_seconds_whatever_the_timeout(broker_address, tmp_path):
+    with Cell("site-1", broker_address) as cell:
+        started = time.monotonic()
+        error, path = download_file("nobody", UNKNOWN_RID, 120, cell, str(tmp_path))
+        assert time.monotonic() - started < 40  # 2 s, and a loaded machine's worth of slack
+    assert path is None and "'nobody' is not connected" in error
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_owner_absent_for_less_than_the_grace_is_waited_for(procs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedstream.nodes.pull.recipient")
+    _broker, address = procs.broker("--node-timeout", "1")  # a frozen owner is soon "not connected"
+    source = str(tmp_path / "f.bin")
+    digest = make_file(source, 4 * MiB)
+    owner, refs = start_owner(procs, address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    frozen = threading.Event()
+
+    def progress(received, total):
+        if received >= MiB and not frozen.is_set():
+            owner.proc.signal(signal.SIGSTOP)  # mid-transfer the owner drops off the broker
+            frozen.set()
+
+    outcome = {}
+    with Cell("site-1", address) as cell:
+        worker = threading.Thread(target=lambda: outcome.update(result=download_file(
+            "owner", refs[source], 120, cell, str(out), chunk_size=64 * 1024, progress_cb=progress)))
+        try:
+            worker.start()
+            assert frozen.wait(30)
+            wait_until(lambda: any("'owner' is not reachable" in r.getMessage() for r in caplog.records), 30)
+        finally:
+            owner.proc.signal(signal.SIGCONT)  # back within the grace: it registers again by itself
+        worker.join(60)
+        assert not worker.is_alive()
+    error, path = outcome["result"]
+    assert error is None, error
+    assert sha256_of(path) == digest
 
 
 def test_frozen_owner_gives_an_error_after_the_timeout_not_a_hang(procs, broker_address, tmp_path):
@@ -102,9 +146,10 @@ def test_frozen_owner_gives_an_error_after_the_timeout_not_a_hang(procs, broker_
         owner.proc.signal(signal.SIGCONT)
 
 
-def test_abort_signal_stops_the_download_and_removes_the_part(procs, broker_address, tmp_path):
+def test_abort_signal_stops_the_download_and_removes_the_part_and_a_retry_succeeds(procs, broker_address,
+                                                                                   tmp_path):
     source = str(tmp_path / "f.bin")
-    make_file(source, 4 * MiB)
+    digest = make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     out = tmp_path / "out"
     out.mkdir()
@@ -115,6 +160,13 @@ def test_abort_signal_stops_the_download_and_removes_the_part(procs, broker_addr
     assert os.listdir(out) == []
     gave_up = owner.one("downloaded")  # the recipient told the owner it gave up
     assert (gave_up["site"], gave_up["status"]) == ("site-1", "failed")
+    receiver.one("finished")
+    # a new attempt by the same recipient is not poisoned by the abort: a fresh outcome, a success
+    retry = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]])
+    result = retry.one("result")
+    assert result["error"] is None and sha256_of(result["path"]) == digest
+    done = owner.wait("downloaded", count=2)[1]
+    assert (done["site"], done["status"]) == ("site-1", "success")
 
 
 def test_source_changed_during_the_transfer_is_an_error(procs, broker_address, tmp_path):
@@ -195,19 +247,35 @@ def test_bad_input_raises_value_error(broker_address, tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"]
 
 
+class _WatchedSignal(Signal):
+    """A Signal that tells (`polled`) once the download has looked at it `polls` times."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self._polls = polls
+        self.polled = threading.Event()
+
+    @property
+    def triggered(self) -> bool:
+        self._polls -= 1
+        if self._polls <= 0:
+            self.polled.set()
+        return super().triggered
+
+
 def test_abort_signal_also_interrupts_a_wait_for_a_silent_owner(procs, broker_address, tmp_path):
     source = str(tmp_path / "f.bin")
     make_file(source, 4 * MiB)
     owner, refs = start_owner(procs, broker_address, [source])
     owner.proc.signal(signal.SIGSTOP)
-    abort = Signal()
+    abort = _WatchedSignal(polls=5)
     outcome = {}
     try:
         with Cell("site-1", broker_address) as cell:
             worker = threading.Thread(target=lambda: outcome.update(
                 result=download_file("owner", refs[source], 60, cell, str(tmp_path), abort_signal=abort)))
             worker.start()
-            wait_until(lambda: part_files(str(tmp_path)), 10)
+            assert abort.polled.wait(10)  # the download is waiting for the silent owner, watching the signal
             abort.trigger()
             worker.join(5)
             assert not worker.is_alive()
@@ -230,4 +298,35 @@ def test_a_file_larger_than_the_free_space_is_refused_before_data_flows(broker_a
         err, path = download_file("owner", ref, 10, site, str(dest))
         FileDownloader.delete_transaction(tx)
     assert path is None and "bytes free" in err
-    assert os.listdir(dest) == [f".fedstream-{ref}.part"]  # kept (empty) for a later attempt
+    assert os.listdir(dest) == []  # an empty .part is not worth keeping
+
+
+def test_an_owner_that_never_answers_open_leaves_no_part_file(procs, broker_address, tmp_path):
+    source = str(tmp_path / "src" / "f.bin")
+    os.mkdir(os.path.dirname(source))
+    make_file(source, 1000)
+    owner, refs = start_owner(procs, broker_address, [source])
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        error, path = download_file("nobody", refs[source], 1, cell, str(out))  # not connected
+        assert path is None and "'nobody' is not connected" in error
+        owner.proc.signal(signal.SIGSTOP)  # connected, but silent
+        try:
+            error, path = download_file("owner", refs[source], 0.5, cell, str(out))
+        finally:
+            owner.proc.signal(signal.SIGCONT)
+        assert path is None and "no reply from the owner" in error
+    assert os.listdir(out) == []
+
+
+def test_get_without_output_dir_leaves_nothing_in_the_current_directory(procs, broker_address, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    get = procs.fedstream("get", UNKNOWN_RID, "--from", "nobody", "--broker", broker_address, "--timeout", "30",
+                          cwd=str(cwd))
+    started = time.monotonic()
+    assert get.wait(30) != 0
+    assert time.monotonic() - started < 20  # an owner never reached fails fast, whatever --timeout says
+    assert "'nobody' is not connected" in get.stderr
+    assert os.listdir(cwd) == []

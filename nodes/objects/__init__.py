@@ -3,8 +3,8 @@
 `container` owns the safe file format (plain values and numpy arrays, loaded without running
 code; docs/PROTOCOL.md "Object container"), `spool` writes objects into files and loads them
 back, with cloudpickle only by consent. The transfer side lives with each style:
-`nodes/pull/objects.py` (add_object, download_object) and `nodes/push/objects.py`
-(stream_object, get_object); this package imports neither.
+`FileDownloader.add_object` (nodes/pull/owner.py), `download_object` (nodes/pull/objects.py)
+and nodes/push/objects.py (stream_object, get_object); this package imports neither.
 """
 
 from fedstream.nodes.objects.container import ObjectFormatError, PickleRefusedError, UnsupportedValueError

@@ -1,86 +1,26 @@
-"""Objects by pull: serialized once on the owner, downloaded, verified and loaded by each recipient.
+"""Objects by pull, recipient side: download, verify and load what `FileDownloader.add_object` shared.
 
-Owner (`add_object`, also `FileDownloader.add_object`):
-1. check the arguments and register an end hook on the transaction first, so that nothing is
-   serialized for a transaction that does not exist;
-2. serialize the object once into a private spool file (nodes/objects/spool.py): the safe
-   container, or cloudpickle when the caller asks for serializer="cloudpickle";
-3. share the spool file with add_file: every recipient downloads the same bytes at its own pace;
-4. the end hook removes the spool file when the transaction ends (timeout, delete_transaction,
-   shutdown, cell stop).
-
-Recipient (`download_object`): download_file into a fresh private temporary directory (the
-whole-file digest is verified before the file gets its name), load it (a container runs no code;
-a cloudpickle payload is refused unless allow_pickle=True), and remove the directory, whatever
-happened. Failures are returned as (error, None), never as part of an object.
+`download_object` downloads into a fresh private temporary directory (the whole-file digest
+is verified before the file gets its name), loads it (a container runs no code; a
+cloudpickle payload is refused unless allow_pickle=True), and removes the directory,
+whatever happened. Failures are returned as (error, None), never as part of an object.
+The owner side (serialize once into a spool file owned by the transaction) is
+`FileDownloader.add_object` in owner.py.
 """
 
 import logging
 import shutil
 import tempfile
-import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from fedstream.common.filenames import check_dest_dir, remove_quietly
+from fedstream.common.filenames import check_dest_dir
 from fedstream.common.signal import Signal
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.objects import spool
 from fedstream.nodes.objects.container import ObjectFormatError
-from fedstream.nodes.pull.owner import FileDownloader
 from fedstream.nodes.pull.recipient import download_file
 
 log = logging.getLogger(__name__)
-
-
-class _SpoolFile:
-    """The spool file of one added object; removed once, by whoever comes last."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._path: Optional[str] = None
-        self._removed = False
-
-    def set(self, path: str) -> None:
-        with self._lock:
-            self._path = path
-            removed = self._removed
-        if removed:  # the transaction ended while the object was being serialized
-            remove_quietly(path)
-
-    def remove(self) -> None:
-        with self._lock:
-            self._removed = True
-            path = self._path
-        remove_quietly(path)
-
-
-def add_object(tx_id: str, obj: Any, file_downloaded_cb: Optional[Callable[..., Any]] = None,
-               serializer: Optional[str] = None, **cb_kwargs: Any) -> str:
-    """Serialize `obj` once into a spool file owned by the transaction and share it; return its RID.
-
-    `serializer`: None (the safe container: plain values and numpy arrays) or "cloudpickle"
-    (recipients must pass allow_pickle=True). `file_downloaded_cb(ref_id, to_site, status,
-    file_name, **cb_kwargs)` is called once per recipient as for add_file; `file_name` is the
-    spool file, which is removed when the transaction ends. Raises ValueError for an unknown
-    transaction, a bad argument, or a value the serializer cannot carry (naming its key path).
-    """
-    serializer = spool.check_serializer(serializer)
-    if file_downloaded_cb is not None and not callable(file_downloaded_cb):
-        raise ValueError("file_downloaded_cb must be callable or None.")
-    spool_file = _SpoolFile()
-    FileDownloader.add_end_hook(tx_id, spool_file.remove)
-    path = spool.spool_object(obj, serializer)
-    spool_file.set(path)
-    try:
-        ref_id = FileDownloader.add_file(tx_id, path, file_downloaded_cb, **cb_kwargs)
-    except BaseException:
-        spool_file.remove()
-        raise
-    log.debug("object shared as %s (%s, spool file %s)", ref_id, serializer, path)
-    return ref_id
-
-
-FileDownloader.add_object = staticmethod(add_object)
 
 
 def download_object(from_fqcn: str, ref_id: str, per_request_timeout: float, cell: Cell, secure: bool = False,

@@ -1,39 +1,57 @@
-"""Recipient side of pull: download_file, with a window of requests in flight and resume.
+"""Recipient side of pull: download_file, a thin driver of the protocol state in window.py.
 
-Data goes to `<location>/.fedstream-<RID>.part`, written in offset order and hashed as it
-arrives, so the .part file is always a prefix of the source: a later call with the same RID and
-location hashes that prefix and continues after it. The file gets its final name only after the
-owner confirmed the whole-file digest.
+1. Ask the owner to `open` the RID (name, size, digest algorithm). Nothing is created on disk
+   before it answered, so an absent owner or a bad RID leaves no trace.
+2. Open and lock `<location>/.fedstream-<RID>.part`. Data is written in offset order and hashed
+   as it arrives, so the .part file is always a prefix of the source: a later call with the same
+   RID and location hashes that prefix and continues after it (resume).
+3. Pull the rest with a window of `chunk` requests in flight (`PullWindow` decides what to send,
+   resend and write; this module only moves requests and replies and writes the file).
+4. Send the digest with `done`; the file gets its final name only after the owner confirmed it.
+   A failure removes the .part when it is empty or worthless and keeps it otherwise, for resume.
+
+Every reply is taken only from the owner the download targets (the broker-stamped source).
 """
 
 import fcntl
 import logging
 import math
 import os
+import queue
 import shutil
 import stat
 import time
-from collections import deque
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Optional
 
 from fedstream.common import digest as digests
-from fedstream.common.constants import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
+from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
 from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.signal import Signal
-from fedstream.nodes.pull import wire
 from fedstream.nodes.cell import Cell, PendingRequest
-from fedstream.nodes.message import Message
+from fedstream.nodes.message import Message, reply_error
+from fedstream.nodes.pull import wire
+from fedstream.nodes.pull.window import (
+    Call,
+    Event,
+    Failure,
+    Foreign,
+    Liveness,
+    Policy,
+    PullWindow,
+    Rejected,
+    Replied,
+    RetryLater,
+    Undeliverable,
+    error_outcome,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # sends of one request that got no reply at all before the download fails
-_TICK = 0.1  # seconds between checks of the abort signal while waiting
-_RETRY_DELAY = 0.2  # pause before resending a request the broker could not deliver
-_PENDING_DELAY = 0.1  # pause before asking again for a digest the owner is still computing
+_TICK = 0.1  # longest wait for replies between checks of the abort signal
+_PROBE = -1  # request key of presence probes (chunk offsets are >= 0, single calls use 0)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -45,24 +63,13 @@ class _Failed(Exception):
         super().__init__(message)
         self.remove_part = remove_part
 
+    @classmethod
+    def of(cls, failure: Failure) -> "_Failed":
+        return cls(failure.message, failure.remove_part)
+
 
 class _Aborted(Exception):
     pass
-
-
-class _Request:
-    """One request in flight, resent as needed."""
-
-    __slots__ = ("topic", "headers", "offset", "length", "pending", "sent_at", "attempts")
-
-    def __init__(self, topic: str, headers: dict, offset: int = 0, length: int = 0) -> None:
-        self.topic = topic
-        self.headers = headers
-        self.offset = offset
-        self.length = length
-        self.pending: Optional[PendingRequest] = None
-        self.sent_at = 0.0
-        self.attempts = 0
 
 
 def part_path(location: str, ref_id: str) -> str:
@@ -93,6 +100,16 @@ def _open_locked(path: str) -> int:
     raise _Failed(f"cannot lock {path}")
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        count = os.pwrite(fd, data, offset)
+        data, offset = data[count:], offset + count
+
+
+# what one finished request turns into: (key, event, the answer's message, a fatal error reply)
+_Outcome = tuple[int, Event, Optional[Message], Optional[Failure]]
+
+
 class _Download:
     def __init__(self, owner: str, ref_id: str, timeout: float, cell: Cell, location: str, optional: bool,
                  abort_signal: Optional[Signal], chunk_size: int, window: int,
@@ -108,36 +125,43 @@ class _Download:
         self.window = window
         self.progress_cb = progress_cb
         self.keep_partial = keep_partial
-        self.last_progress = time.monotonic()
-        self.outstanding: set[_Request] = set()
+        self.liveness = Liveness(Policy(timeout), time.monotonic())
+        self._finished: "queue.SimpleQueue[tuple[int, Future]]" = queue.SimpleQueue()
+        self._pending: dict[int, list[PendingRequest]] = {}  # key -> requests sent and not resolved
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> tuple[Optional[str], Optional[str]]:
         path = part_path(self.location, self.ref_id)
         try:
+            info = self._call(wire.TOPIC_OPEN, {"ref": self.ref_id}).headers
             fd = _open_locked(path)
+        except _Aborted:
+            self._report_give_up()
+            return self._failure("the download was aborted")
         except _Failed as exc:
+            if exc.remove_part:
+                remove_quietly(path)  # e.g. the RID is unknown: what an earlier attempt left is worthless
             return self._failure(str(exc))
         except OSError as exc:
             return self._failure(f"cannot create {path}: {exc.strerror}")
+        finally:
+            self._forget_all()
         try:
-            return None, self._transfer(fd, path)
+            return None, self._transfer(fd, path, info)
         except _Aborted:
             remove_quietly(path)
             self._report_give_up()
             return self._failure("the download was aborted")
         except _Failed as exc:
-            if exc.remove_part or not self.keep_partial:
+            if exc.remove_part or not self.keep_partial or _is_empty(fd):
                 remove_quietly(path)
             return self._failure(str(exc))
         except OSError as exc:
-            if not self.keep_partial:
+            if not self.keep_partial or _is_empty(fd):
                 remove_quietly(path)
             return self._failure(f"cannot write {path}: {exc.strerror or exc}")
         finally:
-            for request in self.outstanding:
-                if request.pending is not None:
-                    request.pending.cancel()
+            self._forget_all()
             os.close(fd)
 
     def _failure(self, message: str) -> tuple[str, None]:
@@ -145,8 +169,7 @@ class _Download:
         log.log(logging.DEBUG if self.optional else logging.WARNING, "%s", error)
         return error, None
 
-    def _transfer(self, fd: int, path: str) -> str:
-        info = self._call(wire.TOPIC_OPEN, {"ref": self.ref_id})
+    def _transfer(self, fd: int, path: str, info: dict) -> str:
         name, size, alg = info.get("name"), info.get("size"), info.get("alg")
         if not isinstance(name, str) or type(size) is not int or size < 0:
             raise _Failed("the owner sent a malformed answer")
@@ -167,11 +190,10 @@ class _Download:
         self._progress(have, size)
         self._pull(fd, hasher, have, size)
         digest = hasher.hexdigest()
-        verdict = self._call(wire.TOPIC_DONE, {"ref": self.ref_id, "digest": digest, "alg": digests.ALGORITHM},
-                             retry_pending=True)
-        if verdict.get("digest") != digest:
+        verdict = self._call(wire.TOPIC_DONE, {"ref": self.ref_id, "digest": digest, "alg": digests.ALGORITHM})
+        if verdict.headers.get("digest") != digest:
             raise _Failed("the received data does not match the owner's digest", remove_part=True)
-        if verdict.get("ok") is not True:
+        if verdict.headers.get("ok") is not True:
             raise _Failed("the owner already recorded this download as failed", remove_part=True)
         final = commit_file(path, self.location, name)
         log.info("downloaded %s from '%s' to %s (%d bytes)", self.ref_id, self.owner, final, size)
@@ -179,35 +201,33 @@ class _Download:
 
     # -- data --------------------------------------------------------------------------------
     def _pull(self, fd: int, hasher: digests.Hasher, start: int, size: int) -> None:
-        in_flight: deque[_Request] = deque()
-        next_offset = written = start
-        while written < size:
-            while len(in_flight) < self.window and next_offset < size:
-                length = min(self.chunk_size, size - next_offset)
-                request = _Request(wire.TOPIC_CHUNK, {"ref": self.ref_id, "off": next_offset, "len": length},
-                                   next_offset, length)
-                self._send(request)
-                in_flight.append(request)
-                next_offset += length
-            head = in_flight[0]
-            message = self._wait(head, in_flight)
-            in_flight.popleft()
-            self.outstanding.discard(head)
-            if message.headers:
-                self._raise_for(message.headers)
-            data = message.buffer
-            if len(data) != head.length:
-                raise _Failed(f"the owner sent {len(data)} bytes at offset {head.offset} instead of "
-                              f"{head.length}: the file changed on the owner", remove_part=True)
-            view = data
-            offset = head.offset
-            while view:
-                count = os.pwrite(fd, view, offset)
-                view, offset = view[count:], offset + count
-            hasher.update(data)
-            written += head.length
-            self._progress(written, size)
-            self._check_abort()
+        window = PullWindow(size, start, self.chunk_size, self.window, self.liveness)
+        held: dict[int, Message] = {}  # answers waiting for an earlier offset
+        while not window.complete:
+            if window.failure is not None:
+                raise _Failed.of(window.failure)
+            now = time.monotonic()
+            for request in window.due(now):
+                self._send(request.offset, wire.TOPIC_CHUNK,
+                           {"ref": self.ref_id, "off": request.offset, "len": request.length})
+            if window.probe_due(now):
+                self._probe()
+            for key, event, message, fatal in self._outcomes(window.deadline()):
+                if not window.wants(key):
+                    continue
+                if fatal is not None:
+                    raise _Failed.of(fatal)
+                if message is not None:
+                    held[key] = message
+                ready = window.handle(event, time.monotonic())
+                if isinstance(event, Replied):
+                    self._forget(key)
+                for offset in ready:
+                    data = held.pop(offset).buffer
+                    _write_at(fd, data, offset)
+                    hasher.update(data)
+                    self._progress(offset + len(data), size)
+        self._check_abort()
 
     def _progress(self, received: int, total: int) -> None:
         if self.progress_cb is not None:
@@ -217,72 +237,98 @@ class _Download:
                 log.exception("progress_cb raised an exception (ignored)")
 
     # -- requests ----------------------------------------------------------------------------
-    def _call(self, topic: str, headers: dict, retry_pending: bool = False) -> dict:
-        """One request with retries; returns the reply headers."""
-        request = _Request(topic, headers)
+    def _call(self, topic: str, headers: dict) -> Message:
+        """One request (key 0) resent by the rules of `Call`; returns the owner's answer."""
+        call = Call(self.liveness, time.monotonic())
         while True:
-            self._send(request)
-            reply = self._wait(request, [request]).headers
-            self.outstanding.discard(request)
-            if retry_pending and reply.get("err") == wire.ERR_PENDING:
-                request.attempts = 0
-                self._sleep(_PENDING_DELAY)
-                continue
-            self._raise_for(reply)
-            return reply
+            if call.failure is not None:
+                raise _Failed.of(call.failure)
+            now = time.monotonic()
+            if call.due(now):
+                self._send(0, topic, headers)
+            if call.probe_due(now):
+                self._probe()
+            for key, event, message, fatal in self._outcomes(call.deadline()):
+                if key != 0:
+                    continue
+                if fatal is not None:
+                    raise _Failed.of(fatal)
+                if call.handle(event, time.monotonic()):
+                    self._forget(0)
+                    assert message is not None
+                    return message
 
-    def _send(self, request: _Request) -> None:
-        if request.pending is not None:
-            request.pending.cancel()
+    def _send(self, key: int, topic: str, headers: dict) -> None:
         try:
-            request.pending = self.cell.request_async(wire.CHANNEL, request.topic, self.owner,
-                                                      headers=request.headers)
+            pending = self.cell.request_async(wire.CHANNEL, topic, self.owner, headers=headers)
         except CellError as exc:
             raise _Failed(str(exc).rstrip(".")) from None
-        request.pending.future.add_done_callback(self._on_reply)
-        self.outstanding.add(request)
-        request.sent_at = time.monotonic()
-        request.attempts += 1
+        self._pending.setdefault(key, []).append(pending)
+        # The callback must not refer to `pending`: a cycle through the future would keep every
+        # reply's bytes alive until the garbage collector happens to run.
+        pending.future.add_done_callback(lambda future: self._finished.put((key, future)))
 
-    def _on_reply(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.last_progress = time.monotonic()
+    def _probe(self) -> None:
+        """Ask the owner something cheap to learn whether the broker still reaches it."""
+        self._forget(_PROBE)
+        self._send(_PROBE, wire.TOPIC_OPEN, {"ref": self.ref_id})
 
-    def _wait(self, head: _Request, in_flight: "deque[_Request] | list[_Request]") -> Message:
-        """Wait for the reply to `head`, resending what got lost; fail after `timeout` without progress."""
+    def _outcomes(self, deadline: Optional[float]) -> list[_Outcome]:
+        """Wait (at most until `deadline`, and a tick) for finished requests; return what they mean."""
+        self._check_abort()
+        wait = _TICK if deadline is None else min(_TICK, max(0.0, deadline - time.monotonic()))
+        try:
+            finished = [self._finished.get(timeout=wait)]
+        except queue.Empty:
+            return []
         while True:
-            self._check_abort()
-            assert head.pending is not None
             try:
-                return head.pending.future.result(_TICK)
-            except FutureTimeout:
-                now = time.monotonic()
-                if now - max(self.last_progress, head.sent_at) < self.timeout:
-                    continue
-                if head.attempts >= MAX_ATTEMPTS:
-                    raise _Failed(f"no reply from the owner within {self.timeout:g} s "
-                                  f"({head.attempts} attempts)") from None
-                log.debug("resending %d request(s) to '%s' after %g s without a reply",
-                          len(in_flight), self.owner, self.timeout)
-                for request in in_flight:
-                    if request.pending is not None and not request.pending.done():
-                        self._send(request)
-            except (UnreachableError, BrokerUnreachableError) as exc:
-                if time.monotonic() - self.last_progress >= self.timeout:
-                    raise _Failed(str(exc).rstrip(".")) from None
-                self._sleep(_RETRY_DELAY)
-                self._send(head)
-            except (RemoteError, CellError) as exc:
-                raise _Failed(str(exc).rstrip(".")) from None
+                finished.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        outcomes = []
+        for key, future in finished:
+            pending = next((p for p in self._pending.get(key, ()) if p.future is future), None)
+            if pending is None:
+                continue  # its key was answered already, or it belongs to an earlier phase
+            self._pending[key].remove(pending)
+            outcome = self._outcome(key, pending)
+            event = outcome[1]
+            if isinstance(event, Undeliverable) and self.liveness.deadline() is None:
+                log.info("'%s' is not reachable (%s); waiting up to %g s for it", self.owner,
+                         event.reason.rstrip("."), self.liveness.policy.grace if self.liveness.reached
+                         else self.liveness.policy.first_contact)
+            if key == _PROBE:
+                self.liveness.handle_probe(event, time.monotonic())
+            else:
+                outcomes.append(outcome)
+        return outcomes
 
-    def _raise_for(self, headers: dict) -> None:
-        code = headers.get("err")
-        if code is None:
-            return
-        text = str(headers.get("msg") or code)
-        if code == wire.ERR_UNKNOWN_REF:
-            raise _Failed(f"the owner answered: {wire.UNKNOWN_REF_MESSAGE}", remove_part=True)
-        raise _Failed(f"the owner answered: {text}", remove_part=code == wire.ERR_CHANGED)
+    def _outcome(self, key: int, pending: PendingRequest) -> _Outcome:
+        error = pending.future.exception()
+        if isinstance(error, (UnreachableError, BrokerUnreachableError)):
+            return key, Undeliverable(key, str(error)), None, None
+        if isinstance(error, RemoteError):
+            return key, Rejected(key, str(error)), None, None
+        if error is not None:
+            raise _Failed(str(error).rstrip("."))  # the cell stopped
+        message: Message = pending.future.result()
+        if message.source != self.owner:
+            log.warning("ignored a reply from '%s' to a request sent to '%s'", message.source, self.owner)
+            return key, Foreign(key), None, None
+        failed = reply_error(message.headers)
+        if failed is None:
+            return key, Replied(key, len(message.buffer)), message, None
+        fatal = error_outcome(*failed)
+        return key, RetryLater(key), None, fatal
+
+    def _forget(self, key: int) -> None:
+        for pending in self._pending.pop(key, []):
+            pending.cancel()
+
+    def _forget_all(self) -> None:
+        for key in list(self._pending):
+            self._forget(key)
 
     # -- abort -------------------------------------------------------------------------------
     def _aborted(self) -> bool:
@@ -292,14 +338,15 @@ class _Download:
         if self._aborted():
             raise _Aborted()
 
-    def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._check_abort()
-            time.sleep(min(left, _TICK))
-
     def _report_give_up(self) -> None:
         report_give_up(self.cell, self.owner, self.ref_id)
+
+
+def _is_empty(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_size == 0
+    except OSError:
+        return False
 
 
 def report_give_up(cell: Cell, owner: str, ref_id: str) -> None:
@@ -319,9 +366,12 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
 
     Returns (None, full path) on success, (error message, None) on failure. A failed download keeps
     its partial data so that a later call with the same RID and location resumes it; an abort or
-    an unknown RID removes it. `per_request_timeout` is how long the owner may stay silent.
-    `chunk_size` and `window` (requests in flight) tune throughput; `progress_cb(received, total)`
-    is called as data is written. `keep_partial=False` removes the partial data on any failure.
+    an unknown RID removes it, and nothing is created before the owner answered. The owner may
+    leave requests unanswered for `per_request_timeout` seconds (three times, then the download
+    fails); an owner the broker reports as not connected fails it after 2 s, or after a 5 s grace
+    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight) tune
+    throughput; `progress_cb(received, total)` is called as data is written.
+    `keep_partial=False` removes the partial data on any failure.
     """
     validate_fqcn(from_fqcn)
     if not wire.is_valid_ref(ref_id):
@@ -334,8 +384,9 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     location = check_dest_dir(location, "location")
     if secure:
         raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE} bytes, got {chunk_size!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \
+            or not 0 < chunk_size <= wire.MAX_CHUNK_LENGTH:
+        raise ValueError(f"chunk_size must be between 1 and {wire.MAX_CHUNK_LENGTH} bytes, got {chunk_size!r}.")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive number of requests, got {window!r}.")
     if abort_signal is not None and not hasattr(abort_signal, "triggered"):

@@ -8,7 +8,9 @@ Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
   with its own and reports the recipient's success (ERR_PENDING while its digest is not ready).
   {ref, gave_up: true} (one-way) reports a recipient that gave up.
 
-A failed request is answered with headers {err: <code>, msg: <sentence>} and no payload.
+A failed request is answered with `Reply.failure(code, sentence)` from nodes/message.py: headers
+{err: <code>, msg: <sentence>} and no payload. A chunk request asks for at most MAX_CHUNK_LENGTH
+bytes; an owner refuses requests beyond its budget of reply bytes in flight with ERR_BUSY.
 """
 
 import re
@@ -25,10 +27,12 @@ ERR_CHANGED = "changed"  # the source file changed since it was added
 ERR_BAD_REQUEST = "bad_request"  # malformed request headers
 ERR_IO = "io"  # the owner could not read its file
 ERR_PENDING = "pending"  # the owner's digest is not ready yet: ask again
+ERR_BUSY = "busy"  # too many reply bytes to this requester are in flight: ask again
 
 UNKNOWN_REF_MESSAGE = "unknown or expired reference"
 
 DEFAULT_WINDOW = 8  # chunk requests a recipient keeps in flight
+MAX_CHUNK_LENGTH = 8 << 20  # largest chunk request an owner serves (8 MiB)
 
 _ID_BYTES = 16  # 128 random bits
 _REF_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,128}")
@@ -43,7 +47,3 @@ def is_valid_ref(ref: object) -> bool:
     """Tell whether `ref` looks like a RID (and is therefore safe inside a file name)."""
     return isinstance(ref, str) and _REF_PATTERN.fullmatch(ref) is not None
 
-
-def error_headers(code: str, message: str) -> dict:
-    """Reply headers of a failed request."""
-    return {"err": code, "msg": message}
