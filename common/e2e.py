@@ -1,0 +1,113 @@
+"""End-to-end keys between two certified parties (`secure=True`): the broker sees only ciphertext.
+
+The flow, the same for push and pull:
+
+1. Each party holds its kit: a CURVE key pair (Curve25519, the same curve X25519 uses) and
+   the project root's public key. During the transfer's first exchange each side sends its
+   certificate (`kit.certificate_bytes`) and a fresh random salt.
+2. `verify_peer` checks the peer's certificate against the project root of one's own kit and
+   that it names the broker-stamped source of the message it came in: a broker that swaps
+   certificates or names is caught here, since it cannot sign for the root.
+3. `pairwise_key` runs X25519 between one's own CURVE secret key and the certified CURVE
+   public key of the peer, then HKDF-SHA256 with both salts and both names, so each
+   transfer gets its own key and both sides derive the same one.
+4. `wrap_key`/`unwrap_key` carry a transfer's data key (a push stream's fan-out key) under
+   the pairwise key; `PullSealer` seals pull chunk replies under it.
+
+Only `cryptography` primitives are used (X25519, HKDF, AES-256-GCM); nothing is hand-rolled.
+"""
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from zmq.utils import z85
+
+from fedstream.common.kits import Certificate, CertificateError, Kit, verify_certificate
+
+KEY_BYTES = 32
+SALT_BYTES = 16
+TAG_BYTES = 16
+_INFO = b"fedstream e2e v1\x00"
+_WRAP_NONCE = bytes(12)  # each pairwise key wraps exactly one data key, so one fixed nonce is safe
+_PULL_NONCE = struct.Struct("!QI")  # (offset, length): unique per request within one download's key
+
+
+class E2EError(ValueError):
+    """An end-to-end check failed: a bad certificate, a wrong name, or data that does not authenticate."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A verified peer: its certified name and CURVE public key."""
+
+    name: str
+    curve_key: bytes  # raw 32 bytes
+
+
+def verify_peer(certificate: object, kit: Kit, expected_name: str) -> Peer:
+    """The peer of `certificate` if the project root of `kit` signed it for `expected_name`."""
+    if isinstance(certificate, str):
+        certificate = certificate.encode()
+    if not isinstance(certificate, (bytes, bytearray)):
+        raise E2EError("the peer sent no certificate.")
+    try:
+        cert: Certificate = verify_certificate(bytes(certificate), kit.root_key)
+    except CertificateError as exc:
+        raise E2EError(f"the peer's certificate is not valid: {exc}") from None
+    if cert.name != expected_name:
+        raise E2EError(f"the certificate is for '{cert.name}', but the message came from '{expected_name}'.")
+    return Peer(cert.name, z85.decode(cert.curve_key))
+
+
+def pairwise_key(kit: Kit, peer: Peer, salts: tuple[bytes, bytes], owner: str, recipient: str) -> bytes:
+    """The key shared by `kit`'s owner and `peer` for one transfer (same result on both sides).
+
+    `salts` is (owner's salt, recipient's salt); `owner` and `recipient` are the two names.
+    """
+    if any(len(s) != SALT_BYTES for s in salts):
+        raise E2EError(f"salts must be {SALT_BYTES} bytes each.")
+    own = X25519PrivateKey.from_private_bytes(z85.decode(kit.secret_key))
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer.curve_key))
+    info = _INFO + owner.encode() + b"\x00" + recipient.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salts[0] + salts[1], info=info).derive(shared)
+
+
+def wrap_key(pairwise: bytes, data_key: bytes) -> bytes:
+    """`data_key` sealed under a pairwise key (only the certified peer can unwrap it)."""
+    return AESGCM(pairwise).encrypt(_WRAP_NONCE, data_key, b"wrap")
+
+
+def unwrap_key(pairwise: bytes, wrapped: bytes) -> bytes:
+    """The data key inside `wrapped`; E2EError if it was not sealed under this pairwise key."""
+    try:
+        return AESGCM(pairwise).decrypt(_WRAP_NONCE, wrapped, b"wrap")
+    except InvalidTag:
+        raise E2EError("the transfer key does not authenticate: it was not sealed for this node.") from None
+
+
+class PullSealer:
+    """Seals and opens pull chunk replies under one download's pairwise key.
+
+    The nonce is (offset, length) of the request: a retry of the same request seals the same
+    bytes under the same nonce (identical output), and no two different requests share one.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+
+    def seal(self, offset: int, data: bytes) -> bytes:
+        return self._aead.encrypt(_PULL_NONCE.pack(offset, len(data)), data, b"pull")
+
+    def open(self, offset: int, sealed: bytes) -> bytes:
+        """The plaintext of a sealed reply; E2EError if it was altered or sealed for another request."""
+        if len(sealed) < TAG_BYTES:
+            raise E2EError("a sealed chunk is shorter than its tag.")
+        try:
+            return self._aead.decrypt(_PULL_NONCE.pack(offset, len(sealed) - TAG_BYTES), sealed, b"pull")
+        except InvalidTag:
+            raise E2EError(f"the chunk at offset {offset} does not authenticate.") from None
