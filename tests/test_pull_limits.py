@@ -60,7 +60,7 @@ def test_a_greedy_recipient_is_slowed_by_busy_answers_not_failed(procs, broker_a
     _owner, refs = start_owner(procs, broker_address, [source])
     out = tmp_path / "out"
     out.mkdir()
-    # 8 requests of 8 MiB in flight: twice what the owner lets wait for the network per requester
+    # asks for 8 requests of 8 MiB in flight: download_file keeps it to what the broker and the owner allow
     receiver = start_receiver(procs, broker_address, "site-1", str(out), [refs[source]],
                               chunk_size=wire.MAX_CHUNK_LENGTH, window=8)
     result = receiver.one("result", timeout=120)
@@ -110,7 +110,9 @@ def test_forged_replies_verdicts_and_errors_from_a_third_node_are_ignored(procs,
     assert error is None, error
     assert path == str(out / "model.bin") and sha256_of(path) == digest
     assert os.listdir(out) == ["model.bin"]
-    assert any("ignored a reply from 'forger'" in r.getMessage() for r in caplog.records)
+    # the forgeries were seen and dropped: by the Cell (replies only from the node asked) or by the recipient
+    assert cell.stats["forged_replies"] > 0 or any("ignored a reply from 'forger'" in r.getMessage()
+                                                   for r in caplog.records)
     done = owner.one("downloaded")
     assert (done["site"], done["status"]) == ("site-1", "success")
 

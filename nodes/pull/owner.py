@@ -365,11 +365,11 @@ class FileDownloader:
         cannot carry (naming its key path).
         """
         serializer = spool.check_serializer(serializer)
+        if file_downloaded_cb is not None and not callable(file_downloaded_cb):
+            raise ValueError("file_downloaded_cb must be callable or None.")
         tx = _directory.transaction(transaction_id)
         if tx is None:
             raise ValueError(f"Unknown transaction {transaction_id!r}: it does not exist or has ended.")
-        if file_downloaded_cb is not None and not callable(file_downloaded_cb):
-            raise ValueError("file_downloaded_cb must be callable or None.")
         path = spool.spool_object(obj, serializer)
         try:
             ref_id = tx.owner.add_file(tx, path, file_downloaded_cb, cb_kwargs, spool=True)

@@ -369,8 +369,8 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     an unknown RID removes it, and nothing is created before the owner answered. The owner may
     leave requests unanswered for `per_request_timeout` seconds (three times, then the download
     fails); an owner the broker reports as not connected fails it after 2 s, or after a 5 s grace
-    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight) tune
-    throughput; `progress_cb(received, total)` is called as data is written.
+    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight,
+    at most 12 MiB of them) tune throughput; `progress_cb(received, total)` is called as data is written.
     `keep_partial=False` removes the partial data on any failure.
     """
     validate_fqcn(from_fqcn)
@@ -394,4 +394,5 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if progress_cb is not None and not callable(progress_cb):
         raise ValueError("progress_cb must be callable or None.")
     return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
-                     chunk_size, window, progress_cb, keep_partial).run()
+                     chunk_size, max(1, min(window, wire.MAX_IN_FLIGHT_BYTES // chunk_size)), progress_cb,
+                     keep_partial).run()

@@ -33,6 +33,9 @@ UNKNOWN_REF_MESSAGE = "unknown or expired reference"
 
 DEFAULT_WINDOW = 8  # chunk requests a recipient keeps in flight
 MAX_CHUNK_LENGTH = 8 << 20  # largest chunk request an owner serves (8 MiB)
+# Reply bytes a recipient keeps in flight, whatever its window: what waits for it at the broker
+# must stay below the broker's per-peer queue bound (16 MiB), or replies are dropped there.
+MAX_IN_FLIGHT_BYTES = 12 << 20
 
 _ID_BYTES = 16  # 128 random bits
 _REF_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,128}")

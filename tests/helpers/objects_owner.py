@@ -36,6 +36,7 @@ def damaged_spool_files(obj) -> list[str]:
 
 def main() -> None:
     broker, name, kind, serializer, expected, mode, canary = sys.argv[1:8]
+    print("BASE", payloads.peak_rss_bytes(), flush=True)  # the interpreter with numpy and pyzmq loaded
     obj = payloads.build(kind, canary)
     print("FINGERPRINT", json.dumps(payloads.fingerprint(obj)), flush=True)
     lock = threading.Lock()
