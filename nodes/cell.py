@@ -301,6 +301,27 @@ class Cell:
         """Call `hook()` first thing when the cell stops (used by the file features)."""
         self._stop_hooks.append(hook)
 
+    def call_soon(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run `fn(*args, **kwargs)` in the Cell's worker pool, never on its I/O thread.
+
+        For user callbacks of the file features; an exception is logged, not raised. Once the
+        cell has stopped, `fn` runs in the calling thread.
+        """
+        def run() -> None:
+            try:
+                fn(*args, **kwargs)
+            except Exception:
+                log.exception("cell '%s': callback %s failed", self.fqcn, getattr(fn, "__qualname__", fn))
+
+        executor = self._executor
+        try:
+            if executor is not None:
+                executor.submit(run)
+                return
+        except RuntimeError:  # the pool shut down meanwhile
+            pass
+        run()
+
     @property
     def is_registered(self) -> bool:
         """True while the broker knows this cell."""

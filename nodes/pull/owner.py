@@ -238,7 +238,7 @@ class PullOwner:
         site = msg.source
         if msg.headers.get("gave_up"):
             if shared.finish(site, DownloadStatus.FAILED):
-                _report_later(shared, site, DownloadStatus.FAILED)
+                self._report_later(shared, site, DownloadStatus.FAILED)
             return Reply(None, {"ok": False})
         if not shared.digest_ready.is_set():
             return Reply.failure(wire.ERR_PENDING, "the owner is still computing the file digest")
@@ -248,10 +248,18 @@ class PullOwner:
         if ok:
             shared.mark_started(site)
             if shared.finish(site, DownloadStatus.SUCCESS):
-                _report_later(shared, site, DownloadStatus.SUCCESS)
+                self._report_later(shared, site, DownloadStatus.SUCCESS)
             # The owner already reported this recipient as failed: it must not keep the file either.
             ok = shared.outcome(site) == DownloadStatus.SUCCESS
         return Reply(None, {"ok": ok, "digest": shared.digest, "alg": digests.ALGORITHM})
+
+    def _report_later(self, shared: SharedFile, site: str, status: DownloadStatus) -> None:
+        """Call file_downloaded_cb in the Cell's pool: user code never runs on its I/O thread."""
+        cell = self.cell_ref()
+        if cell is not None:
+            cell.call_soon(shared.report, site, status)
+        else:
+            shared.report(site, status)
 
     # -- bytes in flight ---------------------------------------------------------------------
     def _reserve(self, requester: str, nbytes: int) -> Optional[int]:
@@ -273,11 +281,6 @@ class PullOwner:
             self._budget.release(token)
         if buffer is not None:
             self._buffers.give(buffer)
-
-
-def _report_later(shared: SharedFile, site: str, status: DownloadStatus) -> None:
-    """Call file_downloaded_cb in its own thread: user code never runs on a Cell's I/O thread."""
-    threading.Thread(target=shared.report, args=(site, status), name="fedstream-pull-cb", daemon=True).start()
 
 
 class _Directory:
