@@ -242,7 +242,7 @@ def test_bad_input_raises_value_error(broker_address, tmp_path):
             download_file(*good, chunk_size=0)
         with pytest.raises(ValueError, match="window"):
             download_file(*good, window=0)
-        with pytest.raises(ValueError, match="secure=True is not supported"):
+        with pytest.raises(ValueError, match="secure=True needs a kit"):
             download_file(*good, secure=True)
     assert os.listdir(tmp_path) == ["f.bin"]
 

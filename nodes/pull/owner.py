@@ -12,10 +12,14 @@
    a pooled buffer that becomes the reply frame, and releases the bytes and the buffer once the
    frame left the process (its tracker is done).
 4. A monitor thread ends transactions idle for their timeout; `FileDownloader.shutdown()` ends all.
+5. Every file serves plain and secure requests alike. A secure `open` (secure=True on the
+   recipient) makes a session in `SecureSessions` (nodes/pull/secure.py), which needs this
+   cell's kit; the session's chunk replies are sealed, its digest and verdict too.
 
 Every failed request is answered with `Reply.failure(code, sentence)` (codes in wire.py).
 """
 
+import json
 import logging
 import math
 import os
@@ -27,6 +31,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from fedstream.common import digest as digests
+from fedstream.common import e2e
 from fedstream.common.filenames import remove_quietly
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.cell import Cell
@@ -37,6 +42,7 @@ from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
 from fedstream.nodes.pull.buffers import BufferPool, buffer_size
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
+from fedstream.nodes.pull.secure import SecureSessions, Session
 from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile, call_user_cb
 
 log = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ class PullOwner:
         self._budget = ReplyBudget()
         self._budget_lock = threading.Lock()
         self._buffers = BufferPool()
+        self._secure = SecureSessions()
         # replies on their way out: (budget token, tracker of the frame, its buffer)
         self._sending: list[tuple[int, zmq.MessageTracker, Optional[bytearray]]] = []
         self._stopping = threading.Event()
@@ -129,6 +136,7 @@ class PullOwner:
                 self._files.pop(shared.ref_id, None)
             files = list(tx.files)
         log.debug("transaction %s ended", tx.tx_id)
+        self._secure.forget(shared.ref_id for shared in files)
         for shared in files:
             shared.close()
         for path in tx.spool_files:
@@ -180,30 +188,65 @@ class PullOwner:
         entry[0].touch()
         return entry[1]
 
+    def _session(self, msg: Message, shared: SharedFile) -> "Session | Reply | None":
+        """The secure session a request names, a failure if it names an unknown one, None for a plain request."""
+        sid = msg.headers.get("e2e")
+        if sid is None:
+            return None
+        session = self._secure.find(msg.source, sid, shared.ref_id)
+        if session is None:
+            return Reply.failure(wire.ERR_SECURE, "unknown secure session: open the download again")
+        return session
+
     def _serve_open(self, msg: Message) -> Reply:
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
             return shared
+        meta = {"name": shared.name, "size": shared.size, "alg": digests.ALGORITHM}
+        offer = msg.headers.get("e2e")
+        if isinstance(offer, dict):  # a secure download begins (or its open is sent again)
+            cell = self.cell_ref()
+            try:
+                session = self._secure.open(cell.kit if cell is not None else None, self.fqcn, msg.source,
+                                            shared.ref_id, offer, meta)
+            except e2e.E2EError as exc:
+                log.warning("refused a secure download of %s by '%s': %s", shared.ref_id, msg.source, exc)
+                return Reply.failure(wire.ERR_SECURE, str(exc))
+            shared.begin(msg.source)
+            return Reply(None, dict(session.answer))
+        session = self._session(msg, shared)  # a secure download's presence probe names its session
+        if isinstance(session, Reply):
+            return session
         shared.begin(msg.source)
-        return Reply(None, {"name": shared.name, "size": shared.size, "alg": digests.ALGORITHM})
+        return Reply(None, dict(session.answer) if session is not None else meta)
 
     def _serve_chunk(self, msg: Message) -> "zmq.Frame | bytes | Reply":
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
             return shared
+        session = self._session(msg, shared)
+        if isinstance(session, Reply):
+            return session
         offset, length = msg.headers.get("off"), msg.headers.get("len")
         if type(offset) is not int or type(length) is not int or offset < 0 \
                 or not 0 < length <= wire.MAX_CHUNK_LENGTH:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad chunk request: offset {offset!r}, length {length!r} "
                                                       f"(at most {wire.MAX_CHUNK_LENGTH} bytes)")
         length = max(0, min(length, shared.size - offset))
-        token = self._reserve(msg.source, buffer_size(length) if length else 0)
+        extra = e2e.TAG_BYTES if session is not None else 0
+        token = self._reserve(msg.source, (buffer_size(length) if length else 0) + extra)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
         buffer = self._buffers.take(length) if length else None
         reply: "zmq.Frame | bytes | Reply" = b""
         try:
             reply = self._read(shared, offset, length, buffer)
+            if session is not None and not isinstance(reply, Reply):
+                plain = reply.buffer if isinstance(reply, zmq.Frame) else b""
+                reply = zmq.Frame(session.sealer.seal(offset, plain), copy=False, track=True)
+                if buffer is not None:  # the sealed copy is what goes out: the buffer is free now
+                    self._buffers.give(buffer)
+                    buffer = None
         finally:  # a frame holds its buffer until it left the process; anything else frees it now
             if isinstance(reply, zmq.Frame):
                 with self._budget_lock:
@@ -240,18 +283,31 @@ class PullOwner:
             if shared.finish(site, DownloadStatus.FAILED):
                 self._report_later(shared, site, DownloadStatus.FAILED)
             return Reply(None, {"ok": False})
+        session = self._session(msg, shared)
+        if isinstance(session, Reply):
+            return session
         if not shared.digest_ready.is_set():
             return Reply.failure(wire.ERR_PENDING, "the owner is still computing the file digest")
         if shared.digest is None:
             return Reply.failure(*(shared.digest_error or (wire.ERR_IO, "the owner has no digest")))
-        ok = msg.headers.get("alg") == digests.ALGORITHM and msg.headers.get("digest") == shared.digest
+        digest = msg.headers.get("digest")
+        if session is not None:  # the digest and the verdict travel sealed: the broker can fake neither
+            try:
+                digest = e2e.open_note(session.pairwise, wire.NOTE_DIGEST, msg.headers.get("sealed")).decode()
+            except (e2e.E2EError, UnicodeDecodeError):
+                return Reply.failure(wire.ERR_SECURE, "the sealed digest does not authenticate")
+        ok = msg.headers.get("alg") == digests.ALGORITHM and digest == shared.digest
         if ok:
             shared.mark_started(site)
             if shared.finish(site, DownloadStatus.SUCCESS):
                 self._report_later(shared, site, DownloadStatus.SUCCESS)
             # The owner already reported this recipient as failed: it must not keep the file either.
             ok = shared.outcome(site) == DownloadStatus.SUCCESS
-        return Reply(None, {"ok": ok, "digest": shared.digest, "alg": digests.ALGORITHM})
+        verdict = {"ok": ok, "digest": shared.digest, "alg": digests.ALGORITHM}
+        if session is not None:
+            return Reply(None, {"sealed": e2e.seal_note(session.pairwise, wire.NOTE_VERDICT,
+                                                        json.dumps(verdict).encode())})
+        return Reply(None, verdict)
 
     def _report_later(self, shared: SharedFile, site: str, status: DownloadStatus) -> None:
         """Call file_downloaded_cb in the Cell's pool: user code never runs on its I/O thread."""

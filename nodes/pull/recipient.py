@@ -11,9 +11,14 @@
    A failure removes the .part when it is empty or worthless and keeps it otherwise, for resume.
 
 Every reply is taken only from the owner the download targets (the broker-stamped source).
+A secure download (secure=True, needs a kit) sends this cell's certificate and a fresh salt
+with `open`, checks the owner's certificate in the answer (it must name the owner) and derives
+the pairwise key (common/e2e.py); the name and size come sealed, every chunk is opened (and
+authenticated) before it is written, and the digest and verdict of `done` travel sealed.
 """
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -25,10 +30,12 @@ from concurrent.futures import Future
 from typing import Callable, Optional
 
 from fedstream.common import digest as digests
+from fedstream.common import e2e
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
 from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly
 from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.kits import Kit
 from fedstream.common.signal import Signal
 from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.message import Message, reply_error
@@ -106,15 +113,30 @@ def _write_at(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[count:], offset + count
 
 
+class _Opened:
+    """A secure chunk reply, opened: its plaintext stands in for the message's buffer."""
+
+    def __init__(self, data: bytes) -> None:
+        self.buffer = memoryview(data)
+
+
 # what one finished request turns into: (key, event, the answer's message, a fatal error reply)
-_Outcome = tuple[int, Event, Optional[Message], Optional[Failure]]
+_Outcome = tuple[int, Event, "Optional[Message | _Opened]", Optional[Failure]]
 
 
 class _Download:
     def __init__(self, owner: str, ref_id: str, timeout: float, cell: Cell, location: str, optional: bool,
                  abort_signal: Optional[Signal], chunk_size: int, window: int,
-                 progress_cb: Optional[ProgressCallback], keep_partial: bool) -> None:
+                 progress_cb: Optional[ProgressCallback], keep_partial: bool, kit: Optional[Kit] = None) -> None:
         self.owner = owner
+        self.kit = kit  # set for a secure download
+        self.salt = e2e.new_salt()
+        self.open_headers: dict = {"ref": ref_id}
+        if kit is not None:
+            self.open_headers["e2e"] = e2e.offer(kit, self.salt)
+        self.pairwise: Optional[bytes] = None  # the secure download's key, once the owner answered
+        self.sealer: Optional[e2e.PullSealer] = None
+        self.opening = False  # chunk replies are being taken (and opened, if secure)
         self.ref_id = ref_id
         self.timeout = timeout
         self.cell = cell
@@ -133,7 +155,9 @@ class _Download:
     def run(self) -> tuple[Optional[str], Optional[str]]:
         path = part_path(self.location, self.ref_id)
         try:
-            info = self._call(wire.TOPIC_OPEN, {"ref": self.ref_id}).headers
+            info = self._call(wire.TOPIC_OPEN, self.open_headers).headers
+            if self.kit is not None:
+                info = self._agree(info)
             fd = _open_locked(path)
         except _Aborted:
             self._report_give_up()
@@ -164,6 +188,28 @@ class _Download:
             self._forget_all()
             os.close(fd)
 
+    def _agree(self, answer: dict) -> dict:
+        """Check the owner's certificate, derive the pairwise key, and open the sealed name and size."""
+        assert self.kit is not None
+        try:
+            peer, owner_salt = e2e.accept_offer(answer.get("e2e"), self.kit, self.owner)
+            self.pairwise = e2e.pairwise_key(self.kit, peer, (owner_salt, self.salt), self.owner, self.cell.fqcn)
+            meta = json.loads(e2e.open_note(self.pairwise, wire.NOTE_META, answer.get("meta")))
+        except e2e.E2EError as exc:
+            raise _Failed(f"the owner's answer does not verify: {str(exc).rstrip('.')}") from None
+        except ValueError:
+            raise _Failed("the owner sent a malformed answer") from None
+        if not isinstance(meta, dict):
+            raise _Failed("the owner sent a malformed answer")
+        self.sealer = e2e.PullSealer(self.pairwise)
+        return meta
+
+    def _headers(self, **headers: object) -> dict:
+        """Request headers, naming the secure session if there is one."""
+        if self.kit is not None:
+            headers["e2e"] = e2e.encode_b64(self.salt)
+        return {"ref": self.ref_id, **headers}
+
     def _failure(self, message: str) -> tuple[str, None]:
         error = f"Download of {self.ref_id} from '{self.owner}' failed: {message}."
         log.log(logging.DEBUG if self.optional else logging.WARNING, "%s", error)
@@ -190,26 +236,49 @@ class _Download:
         self._progress(have, size)
         self._pull(fd, hasher, have, size)
         digest = hasher.hexdigest()
-        verdict = self._call(wire.TOPIC_DONE, {"ref": self.ref_id, "digest": digest, "alg": digests.ALGORITHM})
-        if verdict.headers.get("digest") != digest:
+        verdict = self._verdict(digest)
+        if verdict.get("digest") != digest:
             raise _Failed("the received data does not match the owner's digest", remove_part=True)
-        if verdict.headers.get("ok") is not True:
+        if verdict.get("ok") is not True:
             raise _Failed("the owner already recorded this download as failed", remove_part=True)
         final = commit_file(path, self.location, name)
         log.info("downloaded %s from '%s' to %s (%d bytes)", self.ref_id, self.owner, final, size)
         return final
 
+    def _verdict(self, digest: str) -> dict:
+        """Send the digest with `done` and return the owner's verdict (both sealed for a secure download)."""
+        if self.pairwise is None:
+            return self._call(wire.TOPIC_DONE, {"ref": self.ref_id, "digest": digest,
+                                                "alg": digests.ALGORITHM}).headers
+        sealed = e2e.seal_note(self.pairwise, wire.NOTE_DIGEST, digest.encode())
+        answer = self._call(wire.TOPIC_DONE, self._headers(alg=digests.ALGORITHM, sealed=sealed)).headers
+        try:
+            verdict = json.loads(e2e.open_note(self.pairwise, wire.NOTE_VERDICT, answer.get("sealed")))
+        except e2e.E2EError as exc:
+            raise _Failed(f"the owner's verdict does not authenticate ({str(exc).rstrip('.')})") from None
+        except ValueError:
+            raise _Failed("the owner sent a malformed verdict") from None
+        return verdict if isinstance(verdict, dict) else {}
+
     # -- data --------------------------------------------------------------------------------
     def _pull(self, fd: int, hasher: digests.Hasher, start: int, size: int) -> None:
         window = PullWindow(size, start, self.chunk_size, self.window, self.liveness)
-        held: dict[int, Message] = {}  # answers waiting for an earlier offset
+        held: "dict[int, Message | _Opened]" = {}  # answers waiting for an earlier offset
+        self.opening = True
+        try:
+            self._pull_with(window, held, fd, hasher, size)
+        finally:
+            self.opening = False
+        self._check_abort()
+
+    def _pull_with(self, window: PullWindow, held: "dict[int, Message | _Opened]", fd: int,
+                   hasher: digests.Hasher, size: int) -> None:
         while not window.complete:
             if window.failure is not None:
                 raise _Failed.of(window.failure)
             now = time.monotonic()
             for request in window.due(now):
-                self._send(request.offset, wire.TOPIC_CHUNK,
-                           {"ref": self.ref_id, "off": request.offset, "len": request.length})
+                self._send(request.offset, wire.TOPIC_CHUNK, self._headers(off=request.offset, len=request.length))
             if window.probe_due(now):
                 self._probe()
             for key, event, message, fatal in self._outcomes(window.deadline()):
@@ -227,7 +296,6 @@ class _Download:
                     _write_at(fd, data, offset)
                     hasher.update(data)
                     self._progress(offset + len(data), size)
-        self._check_abort()
 
     def _progress(self, received: int, total: int) -> None:
         if self.progress_cb is not None:
@@ -271,7 +339,7 @@ class _Download:
     def _probe(self) -> None:
         """Ask the owner something cheap to learn whether the broker still reaches it."""
         self._forget(_PROBE)
-        self._send(_PROBE, wire.TOPIC_OPEN, {"ref": self.ref_id})
+        self._send(_PROBE, wire.TOPIC_OPEN, self.open_headers)  # a secure one names the same session
 
     def _outcomes(self, deadline: Optional[float]) -> list[_Outcome]:
         """Wait (at most until `deadline`, and a tick) for finished requests; return what they mean."""
@@ -318,9 +386,21 @@ class _Download:
             return key, Foreign(key), None, None
         failed = reply_error(message.headers)
         if failed is None:
+            if self.sealer is not None and self.opening and key >= 0:
+                return self._open_chunk(key, message)
             return key, Replied(key, len(message.buffer)), message, None
         fatal = error_outcome(*failed)
         return key, RetryLater(key), None, fatal
+
+    def _open_chunk(self, offset: int, message: Message) -> _Outcome:
+        """A secure chunk reply, authenticated and decrypted; a fatal failure if it was altered."""
+        assert self.sealer is not None
+        try:
+            data = self.sealer.open(offset, message.buffer)
+        except e2e.E2EError as exc:
+            log.warning("download of %s from '%s': %s", self.ref_id, self.owner, exc)
+            return offset, RetryLater(offset), None, Failure(f"{str(exc).rstrip('.')}: it was altered on the way")
+        return offset, Replied(offset, len(data)), _Opened(data), None
 
     def _forget(self, key: int) -> None:
         for pending in self._pending.pop(key, []):
@@ -370,8 +450,10 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     leave requests unanswered for `per_request_timeout` seconds (three times, then the download
     fails); an owner the broker reports as not connected fails it after 2 s, or after a 5 s grace
     if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight,
-    at most 12 MiB of them) tune throughput; `progress_cb(received, total)` is called as data is written.
-    `keep_partial=False` removes the partial data on any failure.
+    at most 12 MiB of them) tune throughput; `progress_cb(received, total)` is called as data
+    is written. `keep_partial=False` removes the partial data on any failure. `secure=True`
+    encrypts end to end between the two certified cells (both need a kit; ValueError without
+    one here): the broker can neither read nor alter the data, the name, the size or the verdict.
     """
     validate_fqcn(from_fqcn)
     if not wire.is_valid_ref(ref_id):
@@ -382,8 +464,9 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if not isinstance(cell, Cell):
         raise ValueError(f"download_file needs a Cell, got {type(cell).__name__}.")
     location = check_dest_dir(location, "location")
-    if secure:
-        raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
+    if not isinstance(secure, bool):
+        raise ValueError(f"secure must be True or False, got {secure!r}.")
+    kit = e2e.require_kit(cell.kit) if secure else None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \
             or not 0 < chunk_size <= wire.MAX_CHUNK_LENGTH:
         raise ValueError(f"chunk_size must be between 1 and {wire.MAX_CHUNK_LENGTH} bytes, got {chunk_size!r}.")
@@ -395,4 +478,4 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
         raise ValueError("progress_cb must be callable or None.")
     return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
                      chunk_size, max(1, min(window, wire.MAX_IN_FLIGHT_BYTES // chunk_size)), progress_cb,
-                     keep_partial).run()
+                     keep_partial, kit).run()

@@ -8,6 +8,12 @@ Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
   with its own and reports the recipient's success (ERR_PENDING while its digest is not ready).
   {ref, gave_up: true} (one-way) reports a recipient that gave up.
 
+A secure download (secure=True) adds "e2e" to every request. In its `open` it is the
+recipient's offer {cert, salt}; the owner verifies it and answers {e2e: its offer, meta:
+sealed {name, size, alg}}. Afterwards "e2e" is the session id (the recipient's salt, base64)
+naming the pairwise key both derived (common/e2e.py): `chunk` replies are sealed with
+PullSealer, `done` carries {sealed: the digest} and is answered {sealed: {ok, digest}}.
+
 A failed request is answered with `Reply.failure(code, sentence)` from nodes/message.py: headers
 {err: <code>, msg: <sentence>} and no payload. A chunk request asks for at most MAX_CHUNK_LENGTH
 bytes; an owner refuses requests beyond its budget of reply bytes in flight with ERR_BUSY.
@@ -28,8 +34,13 @@ ERR_BAD_REQUEST = "bad_request"  # malformed request headers
 ERR_IO = "io"  # the owner could not read its file
 ERR_PENDING = "pending"  # the owner's digest is not ready yet: ask again
 ERR_BUSY = "busy"  # too many reply bytes to this requester are in flight: ask again
+ERR_SECURE = "secure"  # a secure request the owner cannot serve (no kit, bad certificate, unknown session)
 
 UNKNOWN_REF_MESSAGE = "unknown or expired reference"
+
+NOTE_META = "pull open"  # labels of the values sealed with e2e.seal_note
+NOTE_DIGEST = "pull digest"
+NOTE_VERDICT = "pull verdict"
 
 DEFAULT_WINDOW = 8  # chunk requests a recipient keeps in flight
 MAX_CHUNK_LENGTH = 8 << 20  # largest chunk request an owner serves (8 MiB)

@@ -37,8 +37,7 @@ def stream_object(channel: str, topic: str, stream_ctx: Optional[Mapping[str, An
     """
     if not isinstance(fl_ctx, FLContext):
         raise ValueError(f"fl_ctx must be an FLContext, got {type(fl_ctx).__name__}.")
-    if secure:
-        raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
+    push_sender.check_secure(fl_ctx.get_engine().get_cell(), secure)
     if stream_ctx is not None and not isinstance(stream_ctx, Mapping):
         raise ValueError(f"stream_ctx must be a dict, got {type(stream_ctx).__name__}.")
     serializer = spool.check_serializer(serializer)
@@ -46,7 +45,8 @@ def stream_object(channel: str, topic: str, stream_ctx: Optional[Mapping[str, An
     path = spool.spool_object(obj, serializer)
     try:
         result = push_sender.send_file(fl_ctx.get_engine().get_cell(), channel, topic, ctx, targets, path,
-                                       chunk_size, chunk_timeout, optional=optional, remote_name=REMOTE_NAME)
+                                       chunk_size, chunk_timeout, optional=optional, remote_name=REMOTE_NAME,
+                                       secure=secure)
     finally:
         remove_quietly(path)
     return result.rc, result.ok

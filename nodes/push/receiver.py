@@ -2,7 +2,12 @@
 
 A "start" request on a registered (channel, topic) creates a hidden `.part` file in the
 destination directory and a thread that owns its own SUB socket, subscribed to the stream
-id, with the stream's key from the "start" request. The thread opens each sealed chunk
+id, with the stream's key from the "start" request. A secure "start" (secure=True) carries
+the owner's certificate and salt instead: the receiver verifies the certificate against its
+kit (it must name the broker-stamped sender), answers with its own certificate and salt, and
+the stream's thread waits for the owner's "key" request, whose key only this receiver can
+unwrap (common/e2e.py); repairs and the digest of such a stream come sealed as well. The
+thread opens each sealed chunk
 (nodes/push/seal.py; one that fails authentication is dropped, counted, and repaired
 later) and drives an Assembly (nodes/push/assembly.py), which makes every decision: it
 writes each admitted chunk at its offset, hashes the contiguous prefix in order, acks
@@ -34,6 +39,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from fedstream.common import digest as digests
+from fedstream.common import e2e
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
 from fedstream.common.rc import ReturnCode
@@ -55,6 +61,7 @@ MAX_STREAMS_PER_SENDER = 4  # concurrent incoming streams from one sender: one p
 _COMPLETE_POLL_MS = 10
 _ENDED_MEMORY = 4096  # ended stream ids remembered (a late "start" for one is refused)
 _JOIN_WAIT = 2.0  # longest a stopping cell waits for each stream thread
+_KEY_POLL = 0.05  # seconds between checks while a secure stream waits for its key
 
 StreamCallback = Callable[..., Any]
 
@@ -78,6 +85,15 @@ class ReceiverTuning:
     subscribe_delay: float = 0.0
     max_idle: float = MAX_IDLE
     max_stall: float = MAX_STALL
+
+
+@dataclass(frozen=True)
+class _Secure:
+    """What a secure stream's receiver keeps until the owner's key arrives."""
+
+    pairwise: bytes
+    binding: bytes  # start_binding of the start request: the wrapped key's context
+    offer: dict  # this receiver's certificate and salt (sent again if the owner asks again)
 
 
 @dataclass
@@ -104,8 +120,8 @@ def _call_user_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: Stream
 class _Stream:
     """One incoming stream: its .part file, its Assembly, and the thread that receives it."""
 
-    def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, key: StreamKey, owner: str,
-                 part_path: str, fd: int) -> None:
+    def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, key: Optional[StreamKey], owner: str,
+                 part_path: str, fd: int, secure: Optional[_Secure] = None) -> None:
         self.side = side
         self.cell = side.cell
         self.tuning = side.tuning
@@ -119,14 +135,19 @@ class _Stream:
         self.window: int = info["window"]
         self.chunk_timeout = float(info["chunk_timeout"])
         self.name = sanitize_name(info["name"])
-        self.sealer = Sealer(key)
+        self.secure = secure
+        self.sealer: Optional[Sealer] = Sealer(key) if key is not None else None  # a secure stream's comes later
+        self.key_ready = threading.Event()
+        if key is not None:
+            self.key_ready.set()
         self.part_path = part_path
         self.fd = fd
         ctx = self.ctx = StreamContext(info["ctx"])
         ctx.update({keys.KEY_FILE_NAME: self.name, keys.KEY_FILE_SIZE: self.size, keys.KEY_FILE_LOCATION: None,
                     keys.KEY_RC: None, keys.KEY_STREAM_ID: self.sid, keys.KEY_SENDER: owner,
                     keys.KEY_CHANNEL: reg.channel, keys.KEY_TOPIC: reg.topic, keys.KEY_REPAIRED_CHUNKS: 0,
-                    keys.KEY_REJECTED_CHUNKS: 0, keys.KEY_ALLOW_PICKLE: reg.allow_pickle})
+                    keys.KEY_REJECTED_CHUNKS: 0, keys.KEY_ALLOW_PICKLE: reg.allow_pickle,
+                    keys.KEY_SECURE: secure is not None})
         self.lock = threading.Lock()  # the Assembly, the hasher and the outcome
         self.assembly = Assembly(self.count, self.window, self.chunk_timeout, time.monotonic(),
                                  self.tuning.max_idle, self.tuning.max_stall)
@@ -192,7 +213,38 @@ class _Stream:
         finally:
             self._finish()
 
+    def _wait_for_key(self) -> bool:
+        """Wait for a secure stream's key (at most chunk_timeout); False if the stream ended meanwhile."""
+        deadline = time.monotonic() + self.chunk_timeout
+        while not self.key_ready.wait(_KEY_POLL):
+            if self.ended.is_set():
+                return False
+            if time.monotonic() >= deadline:
+                self.end(ReturnCode.TIMEOUT, f"the sender '{self.owner}' did not send the stream key within "
+                                             f"{self.chunk_timeout:g} s")
+                return False
+        return not self.ended.is_set()
+
+    def set_key(self, wrapped: object) -> Reply:
+        """Take a secure stream's key from the owner's "key" request (only this receiver can unwrap it)."""
+        if self.secure is None:
+            return Reply.failure(wire.ERR_BAD_REQUEST, "this stream is not secure: it has its key already")
+        try:
+            raw = e2e.unwrap_key(self.secure.pairwise, e2e.decode_b64(wrapped, "wrapped key"), self.secure.binding)
+            key = StreamKey.from_bytes(raw)
+        except ValueError as exc:  # E2EError is a ValueError
+            reason = f"the stream key from '{self.owner}' cannot be used: {exc}"
+            self.end(ReturnCode.ERROR, reason, notify_owner=False)
+            return Reply.failure(wire.ERR_BAD_REQUEST, reason)
+        with self.lock:
+            if self.sealer is None:
+                self.sealer = Sealer(key)
+        self.key_ready.set()
+        return Reply(None, {"sid": self.sid})
+
     def _receive(self) -> None:
+        if not self._wait_for_key():
+            return
         _, address = self.cell.fanout_endpoints
         sub = self.cell.context.socket(zmq.SUB)
         self.cell.secure_socket(sub)  # CURVE client of a secure broker (no-op without a kit)
@@ -253,6 +305,7 @@ class _Stream:
         with self.lock:
             if not self.assembly.admit(seq):
                 return
+        assert self.sealer is not None  # the thread subscribes only once it has the key
         data = self.sealer.open(seq, frames[1].buffer, frames[2].buffer)
         if data is None:  # altered or forged: dropped, and repaired later
             self.rejected += 1
@@ -330,19 +383,54 @@ class _Stream:
         with self.lock:
             self.assembly.repair_answered(time.monotonic(), others if isinstance(others, int) else None)
         seqs = reply.headers.get("seqs")
+        nonces = reply.headers.get("nonces") if self.secure is not None else None
+        if self.secure is not None and not isinstance(nonces, list):
+            nonces = []  # a secure stream takes sealed repairs only
         data = reply.buffer
         position = 0
-        for seq in seqs if isinstance(seqs, list) else []:
-            if not isinstance(seq, int) or not 0 <= seq < self.count:
+        for i, seq in enumerate(seqs if isinstance(seqs, list) else []):
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < self.count:
                 break
             length = wire.chunk_length(seq, self.size, self.chunk_size)
+            if nonces is not None:
+                length = sealed_length(length)
             if position + length > len(data):
                 break
-            self._store(seq, data[position:position + length], repaired=True)
+            part = data[position:position + length]
             position += length
+            if nonces is not None:
+                opened = self._open_repair(seq, nonces[i] if i < len(nonces) else None, part)
+                if opened is None:
+                    continue
+                part = memoryview(opened)
+            self._store(seq, part, repaired=True)
+
+    def _open_repair(self, seq: int, nonce: object, sealed: memoryview) -> Optional[bytes]:
+        """A secure stream's repaired chunk, opened; None (counted) if it fails authentication."""
+        assert self.sealer is not None
+        data = None
+        if isinstance(nonce, int) and not isinstance(nonce, bool):
+            header = wire.encode_header(wire.KIND_CHUNK, seq, seq * self.chunk_size)
+            data = self.sealer.open_repair(nonce, header, sealed)
+        if data is None:
+            self.rejected += 1
+            log.log(logging.WARNING if self.rejected == 1 else logging.DEBUG,
+                    "stream %s: dropped repaired chunk %d, which failed authentication", self.sid, seq)
+        return data
 
     # -- the owner's finishing requests (Cell worker threads) ------------------------------
-    def verify(self, algo: object, digest: object) -> Reply:
+    def verify(self, algo: object, digest: object, sealed: object = None) -> Reply:
+        """The owner's "verify": compare its digest (sealed, for a secure stream) with the received data."""
+        if self.secure is not None:
+            opened = None
+            if self.sealer is not None:
+                try:
+                    opened = self.sealer.open_digest(e2e.decode_b64(sealed, "sealed digest"))
+                except e2e.E2EError:
+                    opened = None
+            if opened is None:
+                return Reply.failure(wire.ERR_BAD_REQUEST, "the sealed digest does not authenticate")
+            digest = opened
         with self.lock:
             self.assembly.progressed(time.monotonic())
             if self.verified and self.rc is None:
@@ -392,6 +480,7 @@ class ReceiverSide:
         # ended stream ids -> the owner of a committed stream (it may ask again), else None
         self._ended: "OrderedDict[str, Optional[str]]" = OrderedDict()
         cell = service.cell
+        cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_KEY, self._on_key)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_VERIFY, self._on_verify)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_COMMIT, self._on_commit)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, self._on_abort)
@@ -426,9 +515,15 @@ class ReceiverSide:
     def _on_start(self, reg: _Registration, message: Message) -> Reply:
         try:
             info = wire.check_start(message.payload)
-            key = StreamKey.from_wire(info.get("seal"))
+            key = StreamKey.from_wire(info.get("seal")) if "e2e" not in info else None
         except ValueError as exc:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
+        secure = None
+        if key is None:
+            try:
+                secure = self._secure_start(info, message.source)
+            except ValueError as exc:
+                return Reply.failure(wire.ERR_REFUSED, str(exc))
         if info["algo"] != digests.ALGORITHM:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"digest algorithm {info['algo']!r} is not supported "
                                                        f"(this site uses {digests.ALGORITHM})")
@@ -436,6 +531,9 @@ class ReceiverSide:
         with self._lock:
             if sid in self._streams:
                 if self._owners.get(sid) == message.source:  # the owner asks again
+                    running = self._streams[sid]
+                    if running is not None and running.secure is not None:
+                        return Reply(None, {"sid": sid, "e2e": running.secure.offer})
                     return Reply(None, {"sid": sid})
                 self.ignored += 1
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
@@ -449,7 +547,7 @@ class ReceiverSide:
             self._streams[sid] = None
             self._owners[sid] = message.source
         try:
-            stream = self._open(reg, info, key, message.source)
+            stream = self._open(reg, info, key, message.source, secure)
         except (OSError, ValueError) as exc:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
@@ -459,10 +557,28 @@ class ReceiverSide:
         if aborted:  # an abort overtook the start
             stream.end(ReturnCode.TASK_ABORTED, "the sender aborted the stream", notify_owner=False)
         stream.thread.start()
-        log.debug("stream %s: receiving '%s' (%d bytes) from '%s'", sid, stream.name, stream.size, message.source)
+        log.debug("stream %s: receiving '%s' (%d bytes) from '%s'%s", sid, stream.name, stream.size, message.source,
+                  " (secure)" if secure else "")
+        if secure is not None:
+            return Reply(None, {"sid": sid, "e2e": secure.offer})
         return Reply(None, {"sid": sid})
 
-    def _open(self, reg: _Registration, info: dict, key: StreamKey, owner: str) -> _Stream:
+    def _secure_start(self, info: dict, owner: str) -> _Secure:
+        """Check a secure start's certificate and agree the pairwise key; ValueError with the reason."""
+        kit = self.cell.kit
+        if kit is None:
+            raise ValueError(f"'{self.cell.fqcn}' has no kit, so it cannot take a secure stream (start it with a "
+                             f"kit from `fedstream provision`)")
+        try:
+            peer, owner_salt = e2e.accept_offer(info.get("e2e"), kit, owner)
+        except e2e.E2EError as exc:
+            raise ValueError(f"the sender's certificate does not verify: {exc}") from None
+        salt = e2e.new_salt()
+        pairwise = e2e.pairwise_key(kit, peer, (owner_salt, salt), owner, self.cell.fqcn)
+        return _Secure(pairwise, wire.start_binding(info), e2e.offer(kit, salt))
+
+    def _open(self, reg: _Registration, info: dict, key: Optional[StreamKey], owner: str,
+              secure: Optional[_Secure] = None) -> _Stream:
         cell_name = self.cell.fqcn
         if not os.path.isdir(reg.dest_dir):
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
@@ -477,7 +593,7 @@ class ReceiverSide:
                 break
             except FileExistsError:
                 continue
-        return _Stream(self, reg, info, key, owner, path, fd)
+        return _Stream(self, reg, info, key, owner, path, fd, secure)
 
     def _stream_from_owner(self, message: Message) -> Optional[_Stream]:
         """The running stream the message names, if its sender is the stream's owner."""
@@ -502,7 +618,13 @@ class ReceiverSide:
         stream = self._stream_from_owner(message)
         if stream is None:
             return self._committed(message) or Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
-        return stream.verify(message.headers.get("algo"), message.headers.get("digest"))
+        return stream.verify(message.headers.get("algo"), message.headers.get("digest"), message.headers.get("sealed"))
+
+    def _on_key(self, message: Message) -> Reply:
+        stream = self._stream_from_owner(message)
+        if stream is None:
+            return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
+        return stream.set_key(message.headers.get("wrapped"))
 
     def _on_commit(self, message: Message) -> Reply:
         stream = self._stream_from_owner(message)

@@ -7,7 +7,10 @@ when a target stalled and what to repair is made by nodes/push/window.py, socket
    and wait for the broker's subscription, which proves the pipe is live;
 2. send "start" to every target at once on the application's channel/topic, with the
    stream's fresh key (nodes/push/seal.py); any refusal, unreachable target or missing
-   reply fails the whole stream before data flows;
+   reply fails the whole stream before data flows. A secure stream (secure=True) sends
+   the owner's certificate and salt instead of the key; each target answers with its own,
+   the owner verifies it (common/e2e.py) and sends the key wrapped for that target ("key");
+   repairs and the final digest are then sealed too;
 3. publish probes until every target saw one on its SUB ("ready"), for a short grace
    period: a target that joins later still gets every chunk through repair;
 4. publish each chunk once, sealed, at most `window` chunks ahead of the slowest cumulative
@@ -21,6 +24,7 @@ hands the targets' events to it through a queue and answers repair requests in t
 worker pool. Only the targets of a stream are heard; replies forged by others are counted.
 """
 
+import base64
 import logging
 import os
 import queue
@@ -34,10 +38,12 @@ from typing import Callable, Iterable, Mapping, Optional
 import zmq
 
 from fedstream.common import digest as digests
+from fedstream.common import e2e
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT, MAX_CHUNK_SIZE
 from fedstream.common.errors import CellError, RemoteError, UnreachableError
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.protocol import is_json_compatible
+from fedstream.common.kits import Kit
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.message import Message, Reply, reply_error
@@ -83,8 +89,11 @@ class _Failure(Exception):
 class _Session:
     """What the owner side's handlers need to know about a running stream."""
 
-    def __init__(self, sid: str, targets: Iterable[str], fd: int, size: int, chunk_size: int) -> None:
+    def __init__(self, sid: str, targets: Iterable[str], fd: int, size: int, chunk_size: int,
+                 sealer: Optional[Sealer] = None) -> None:
         self.sid = sid
+        self.sealer = sealer  # set for a secure stream: repairs are sealed with it
+        self._repair_seals = 0  # repair nonces used so far (each one once)
         self.targets = frozenset(targets)
         self.size = size
         self.chunk_size = chunk_size
@@ -96,15 +105,22 @@ class _Session:
         self._fd: Optional[int] = fd
         self._fd_lock = threading.Lock()
 
-    def read_chunks(self, seqs: list[int]) -> bytes:
-        """Read chunks again for a repair (the caller bounds how many)."""
+    def read_chunks(self, seqs: list[int]) -> tuple[bytes, Optional[list[int]]]:
+        """Read chunks again for a repair (the caller bounds how many): (data, repair nonces if sealed)."""
         with self._fd_lock:
             if self._fd is None:
                 raise _Failure(ReturnCode.ERROR, "stream closed")
-            data = b"".join(os.pread(self._fd, wire.chunk_length(s, self.size, self.chunk_size),
-                                     s * self.chunk_size) for s in seqs)
-            self.bytes_repaired += len(data)
-        return data
+            chunks = [os.pread(self._fd, wire.chunk_length(s, self.size, self.chunk_size), s * self.chunk_size)
+                      for s in seqs]
+            self.bytes_repaired += sum(len(c) for c in chunks)
+            if self.sealer is None:
+                return b"".join(chunks), None
+            first = self._repair_seals
+            self._repair_seals += len(chunks)
+        nonces = list(range(first, first + len(chunks)))
+        sealed = [self.sealer.seal_repair(n, wire.encode_header(wire.KIND_CHUNK, s, s * self.chunk_size), c)
+                  for n, s, c in zip(nonces, seqs, chunks)]
+        return b"".join(sealed), nonces
 
     def close_file(self) -> None:
         with self._fd_lock:
@@ -194,13 +210,16 @@ class OwnerSide:
                              published, lambda s: wire.chunk_length(s, session.size, session.chunk_size),
                              wire.repair_budget(session.chunk_size), _MAX_REPAIR_SEQS)
         try:
-            data = session.read_chunks(seqs) if seqs else None
+            data, nonces = session.read_chunks(seqs) if seqs else (None, None)
         except (_Failure, OSError) as exc:
             return Reply.failure(wire.ERR_IO, f"cannot read the file: {exc}")
         if seqs:
             log.debug("stream %s: repairing %d chunk(s) for '%s' from %d", session.sid, len(seqs),
                       message.source, seqs[0])
-        return Reply(data, {"sid": session.sid, "published": published, "seqs": seqs, "acked": session.slowest})
+        headers = {"sid": session.sid, "published": published, "seqs": seqs, "acked": session.slowest}
+        if nonces is not None:
+            headers["nonces"] = nonces
+        return Reply(data, headers)
 
     def stop(self) -> None:
         """Cancel running streams and give them a moment to tell their targets, while the cell still can."""
@@ -252,18 +271,27 @@ def check_push_args(channel: object, topic: object, stream_ctx: object, targets:
     return target_list, size, float(timeout)
 
 
+def check_secure(cell: object, secure: object) -> Optional[Kit]:
+    """The cell's kit if `secure` (ValueError if it has none), else None."""
+    if not isinstance(secure, bool):
+        raise ValueError(f"secure must be True or False, got {secure!r}.")
+    return e2e.require_kit(getattr(cell, "kit", None)) if secure else None
+
+
 def send_file(cell: Cell, channel: str, topic: str, stream_ctx: Optional[Mapping], targets: Iterable[str],
               file_name: str, chunk_size: Optional[int] = None, chunk_timeout: Optional[float] = None,
               optional: bool = False, remote_name: Optional[str] = None,
-              progress: Optional[ProgressCallback] = None) -> PushResult:
+              progress: Optional[ProgressCallback] = None, secure: bool = False) -> PushResult:
     """Push a file to every target; block until all hold the verified file or the stream failed.
 
     `remote_name` is the name sent to receivers (default: the file's base name; receivers
     sanitize it). `progress(bytes)` is called with the bytes every target acknowledged.
+    `secure=True` agrees the stream key with each target end to end (this cell needs a kit).
     Raises ValueError for bad arguments; network-side failures are in the returned PushResult.
     """
     if not isinstance(cell, Cell):
         raise ValueError(f"a Cell is needed to stream a file, got {type(cell).__name__}.")
+    kit = check_secure(cell, secure)
     target_list, size, timeout = check_push_args(channel, topic, stream_ctx, targets, file_name, chunk_size,
                                                  chunk_timeout)
     name = os.path.basename(os.path.abspath(file_name)) if remote_name is None else str(remote_name)
@@ -273,7 +301,7 @@ def send_file(cell: Cell, channel: str, topic: str, stream_ctx: Optional[Mapping
         raise ValueError(f"Cannot stream {os.fspath(file_name)!r}: {exc.strerror}.") from None
     owner = PushService.for_cell(cell).side(OwnerSide)
     run = _Push(cell, owner, channel, topic, dict(stream_ctx or {}), target_list, os.fspath(file_name), fd, name,
-                size, timeout, optional, progress)
+                size, timeout, optional, progress, kit)
     return run.run()
 
 
@@ -282,8 +310,9 @@ class _Push:
 
     def __init__(self, cell: Cell, owner: OwnerSide, channel: str, topic: str, stream_ctx: dict,
                  targets: list[str], path: str, fd: int, name: str, chunk_size: int, chunk_timeout: float,
-                 optional: bool, progress: Optional[ProgressCallback]) -> None:
+                 optional: bool, progress: Optional[ProgressCallback], kit: Optional[Kit] = None) -> None:
         self.cell = cell
+        self.kit = kit  # set for a secure stream
         self.owner = owner
         self.channel = channel
         self.topic = topic
@@ -302,7 +331,7 @@ class _Push:
         self.topic_frame = self.sid.encode()
         self.stream_key = StreamKey.new()
         self.sealer = Sealer(self.stream_key)
-        self.session = _Session(self.sid, targets, fd, self.size, chunk_size)
+        self.session = _Session(self.sid, targets, fd, self.size, chunk_size, self.sealer if kit else None)
         self.window = PushWindow(targets, self.count, wire.window_for(chunk_size), chunk_timeout, time.monotonic())
         self.fd = fd
         self.hasher = digests.new_hasher()
@@ -383,8 +412,12 @@ class _Push:
     def _start_targets(self) -> None:
         info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "count": self.count, "window": self.window.window,
-                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx,
-                "seal": self.stream_key.to_wire()}
+                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx}
+        salt = e2e.new_salt()
+        if self.kit is None:
+            info["seal"] = self.stream_key.to_wire()
+        else:
+            info["e2e"] = e2e.offer(self.kit, salt)
 
         def send(target: str) -> PendingRequest:
             pending = self.cell.request_async(self.channel, self.topic, target, payload=info)
@@ -392,16 +425,35 @@ class _Push:
                 self.started.append(target)
             return pending
 
-        self._step("start", send)
+        replies = self._step("start", send)
+        if self.kit is not None:
+            self._deliver_keys(replies, salt, wire.start_binding(info))
 
-    def _step(self, step: str, send: Callable[[str], PendingRequest]) -> None:
+    def _deliver_keys(self, replies: dict[str, Message], salt: bytes, binding: bytes) -> None:
+        """Verify each target's certificate and send it the stream key wrapped under their pairwise key."""
+        assert self.kit is not None
+        wrapped: dict[str, str] = {}
+        for target in self.targets:
+            try:
+                peer, their_salt = e2e.accept_offer(replies[target].headers.get("e2e"), self.kit, target)
+            except e2e.E2EError as exc:
+                raise _Failure(ReturnCode.ERROR, f"target '{target}' cannot take a secure stream: {exc}") from None
+            pairwise = e2e.pairwise_key(self.kit, peer, (salt, their_salt), self.cell.fqcn, target)
+            wrapped[target] = base64.b64encode(e2e.wrap_key(pairwise, self.stream_key.to_bytes(), binding)).decode()
+        self._step("key", lambda target: self.cell.request_async(
+            wire.CONTROL_CHANNEL, wire.TOPIC_KEY, target, headers={"sid": self.sid, "wrapped": wrapped[target]}))
+
+    def _step(self, step: str, send: Callable[[str], PendingRequest]) -> dict[str, Message]:
         """Send one step's request to every target and wait for every answer; fail at the first error.
+
+        Returns each target's accepted reply.
 
         A reply whose broker-stamped source is not the target asked is a forgery: it is
         counted, and the request is sent to the target again (every step is idempotent).
         """
         deadline = time.monotonic() + self.chunk_timeout
         waiting: dict = {}
+        replies: dict[str, Message] = {}
         try:
             for target in self.targets:
                 try:
@@ -417,8 +469,11 @@ class _Push:
                                                        f"{self.chunk_timeout:g} s")
                 for future in done:
                     target = waiting.pop(future)
-                    if not self._check_reply(step, target, future):
+                    if self._check_reply(step, target, future):
+                        replies[target] = future.result()
+                    else:
                         waiting[send(target).future] = target
+            return replies
         except _Failure:
             if step == "start" and waiting:
                 # Let the other targets' "start" land first, so that the abort finds their stream.
@@ -560,8 +615,12 @@ class _Push:
         digest = self.hasher.hexdigest()
         if self.progress is not None and self.reported < self.count:
             self._report(self.size)
-        self._step("verify", self._sender(wire.TOPIC_VERIFY, {"sid": self.sid, "algo": digests.ALGORITHM,
-                                                               "digest": digest}))
+        verify: dict = {"sid": self.sid, "algo": digests.ALGORITHM}
+        if self.kit is None:
+            verify["digest"] = digest
+        else:  # the broker learns nothing of the file, not even its digest
+            verify["sealed"] = base64.b64encode(self.sealer.seal_digest(digest)).decode()
+        self._step("verify", self._sender(wire.TOPIC_VERIFY, verify))
         self._step("commit", self._sender(wire.TOPIC_COMMIT, {"sid": self.sid}))
         self.started = []
 

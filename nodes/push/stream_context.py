@@ -21,6 +21,7 @@ KEY_REPAIRED_CHUNKS = "__fedstream_repaired_chunks__"
 KEY_OBJECT = "__fedstream_object__"  # set by stream_object: the serializer of an object stream
 KEY_ALLOW_PICKLE = "__fedstream_allow_pickle__"  # set by the receiver from its registration
 KEY_REJECTED_CHUNKS = "__fedstream_rejected_chunks__"  # fan-out chunks that failed authentication
+KEY_SECURE = "__fedstream_secure__"  # True if the stream was end-to-end encrypted (secure=True)
 
 
 def get_file_name(stream_ctx: Mapping[str, Any]) -> Optional[str]:
@@ -44,6 +45,11 @@ def get_rc(stream_ctx: Mapping[str, Any]) -> Optional[ReturnCode]:
     return ReturnCode(value) if value is not None else None
 
 
+def is_secure(stream_ctx: Mapping[str, Any]) -> bool:
+    """True if the stream was sent with secure=True (its key agreed end to end between certified peers)."""
+    return stream_ctx.get(KEY_SECURE) is True
+
+
 class StreamContext(dict):
     """Context of one stream: the sender's JSON-compatible keys plus fedstream's own keys."""
 
@@ -51,3 +57,4 @@ class StreamContext(dict):
     get_file_location = get_file_location
     get_file_size = get_file_size
     get_rc = get_rc
+    is_secure = is_secure

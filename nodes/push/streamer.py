@@ -43,14 +43,15 @@ class FileStreamer:
         matching digest; otherwise (a non-OK ReturnCode, False), and the stream is aborted on
         every target. `stream_ctx` values must be JSON-compatible; they arrive in each
         receiver's stream_ctx. `optional=True` logs failures at debug level only.
-        Raises ValueError for bad arguments (missing file, empty or invalid targets, ...).
+        `secure=True` encrypts end to end: the stream key is agreed with each target from their
+        certified keys (this cell and every target need a kit), so the broker can neither read
+        nor alter the data. Raises ValueError for bad arguments (missing file, empty or invalid
+        targets, secure=True without a kit, ...).
         """
         if not isinstance(fl_ctx, FLContext):
             raise ValueError(f"fl_ctx must be an FLContext, got {type(fl_ctx).__name__}.")
-        if secure:
-            raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
         result = push_sender.send_file(fl_ctx.get_engine().get_cell(), channel, topic, stream_ctx, targets,
-                                       file_name, chunk_size, chunk_timeout, optional=optional)
+                                       file_name, chunk_size, chunk_timeout, optional=optional, secure=secure)
         return result.rc, result.ok
 
     stream_object = staticmethod(push_objects.stream_object)  # (..., obj, fl_ctx, ..., serializer=None) -> (rc, ok)
@@ -60,3 +61,4 @@ class FileStreamer:
     get_file_location = staticmethod(keys.get_file_location)
     get_file_size = staticmethod(keys.get_file_size)
     get_rc = staticmethod(keys.get_rc)
+    is_secure = staticmethod(keys.is_secure)

@@ -11,8 +11,13 @@ never matches another stream. Kinds: CHUNK (payload = file bytes at `offset`) an
 Control messages travel over the Cell (ROUTER) path on CONTROL_CHANNEL; their JSON headers
 always carry the stream id under "sid". The "start" request goes to the application's own
 channel/topic, so a target without stream processing registered there refuses at once.
+A plain "start" carries the stream key ("seal"); a secure one (secure=True) carries the
+owner's certificate and salt ("e2e") instead, the target answers with its own, and the
+owner then sends the stream key wrapped for that target alone (TOPIC_KEY; see docs/PROTOCOL.md).
 """
 
+import hashlib
+import json
 import re
 import secrets
 import struct
@@ -34,7 +39,9 @@ TOPIC_EVENT = "event"  # {"sid", "ev": "ready" | "ack" (one-way) | "fail" (reque
 TOPIC_REPAIR = "repair"  # request: {"sid", "ack", "missing": [seq...], "from": seq} -> chunks by unicast,
 #                          headers {"sid", "published", "seqs", "acked": lowest ack of all targets}
 # owner -> receiver
-TOPIC_VERIFY = "verify"  # request: {"sid", "algo", "digest"} -> ok once the .part matches
+TOPIC_KEY = "key"  # request (secure streams): {"sid", "wrapped"} -> ok once the stream key is unwrapped
+TOPIC_VERIFY = "verify"  # request: {"sid", "algo", "digest"} (secure: "sealed" instead of "digest")
+#                          -> ok once the .part matches
 TOPIC_COMMIT = "commit"  # request: {"sid"} -> the receiver renames the .part into place
 TOPIC_ABORT = "abort"  # request: {"sid", "reason"}
 
@@ -106,6 +113,15 @@ def decode_header(data: "bytes | memoryview") -> Optional[tuple[int, int, int]]:
     if version != WIRE_VERSION or kind not in (KIND_CHUNK, KIND_PROBE):
         return None
     return kind, seq, offset
+
+
+def start_binding(info: dict) -> bytes:
+    """A digest of a start request's parameters that both sides compute alike (the context of a wrapped key).
+
+    The canonical JSON of the request: a receiver that got it altered unwraps no key.
+    """
+    return hashlib.sha256(json.dumps(info, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+                          .encode("ascii")).digest()
 
 
 def check_start(info: object) -> dict:
