@@ -7,12 +7,15 @@ cells are real (LocalFederation on free loopback ports).
 import asyncio
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from fedstream.common import RemoteError, RequestTimeout, ReturnCode, Signal
 from fedstream.nodes import FileDownloader, FileStreamer, FLContext, LocalFederation, aio
+from tests.procs import REPO
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -237,3 +240,16 @@ def test_stream_file_and_objects(fed, tmp_path):
     assert done.wait(5) and _sha(received["path"]) == digest
     assert object_done.wait(5) and received["object"] == {"k": "v"}
     assert pulled == (None, {"round": 3, "weights": [1.5, 2.5]})
+
+
+def test_readme_asyncio_example_runs(tmp_path):
+    run_readme_example("asyncio", tmp_path)
+
+
+def run_readme_example(name: str, tmp_path) -> str:
+    """Run the README's example marked `<!-- readme-example: NAME -->` in tmp_path; return its stdout."""
+    block = (REPO / "README.md").read_text().split(f"<!-- readme-example: {name} -->", 1)[1]
+    (tmp_path / "example.py").write_text(block.split("```python\n", 1)[1].split("```", 1)[0])
+    ran = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran.stdout

@@ -20,6 +20,7 @@ from fedstream.nodes.compat.nvflare import (
     add_file,
     download_object,
 )
+from tests.test_aio import run_readme_example
 from tests.helpers.nvflare_sample import ModelReceiver, ModelSharer, download_succeeded
 
 pytestmark = pytest.mark.timeout(60)
@@ -167,3 +168,8 @@ def test_return_codes_and_keys():
     assert all(getattr(ReturnCode, m.name) == m for m in OurReturnCode)
     assert StreamContextKey.RC == "__fedstream_rc__" and StreamContextKey.CHANNEL == "__fedstream_channel__"
     assert set(nvflare.__all__) <= set(dir(nvflare))
+
+
+def test_readme_nvflare_example_runs(tmp_path):
+    out = run_readme_example("nvflare", tmp_path)
+    assert "downloaded: every receiver" in out and "finished" in out
