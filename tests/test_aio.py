@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from fedstream.common import RemoteError, RequestTimeout, ReturnCode, Signal
+from fedstream.common import RemoteError, RequestTimeout, ReturnCode, Signal, UnreachableError
 from fedstream.nodes import FileDownloader, FileStreamer, FLContext, LocalFederation, aio
 from tests.procs import REPO
 
@@ -55,6 +55,18 @@ def test_request_and_pending_request_are_awaitable(fed):
         return reply.payload, direct.payload, payload
 
     assert asyncio.run(main()) == ({"echo": {"x": 1}}, {"echo": "hi"}, {"echo": [1, 2]})
+
+
+def test_request_errors_surface_in_the_await(fed):
+    async def main():
+        with pytest.raises(UnreachableError):
+            await aio.request(fed.server, "app", "echo", "nobody", None, timeout=5)
+        with pytest.raises(RemoteError, match="no handler"):
+            await aio.request(fed.server, "app", "unknown", "site-1", None, timeout=5)
+        with pytest.raises(ValueError, match="timeout"):
+            await aio.request(fed.server, "app", "echo", "site-1", None, timeout=0)
+
+    asyncio.run(main())
 
 
 def test_request_timeout_does_not_block_the_loop(fed):

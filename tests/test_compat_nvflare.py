@@ -20,8 +20,8 @@ from fedstream.nodes.compat.nvflare import (
     add_file,
     download_object,
 )
-from tests.test_aio import run_readme_example
 from tests.helpers.nvflare_sample import ModelReceiver, ModelSharer, download_succeeded
+from tests.test_aio import run_readme_example
 
 pytestmark = pytest.mark.timeout(60)
 SITES = ["site-1", "site-2"]
