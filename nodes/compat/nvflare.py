@@ -150,7 +150,7 @@ class FileStreamer(_FileStreamer):
     def register_stream_processing(fl_ctx: _FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
                                    stream_done_cb: Optional[Callable[..., Any]] = None,
                                    chunk_consumed_cb: Optional[Callable[..., Any]] = None,
-                                   **cb_kwargs: Any) -> None:
+                                   allow_pickle: bool = False, **cb_kwargs: Any) -> None:
         """As fedstream's; `chunk_consumed_cb` may be NVFlare's `(reply, stream_ctx, fl_ctx, **kw)`."""
         if chunk_consumed_cb is not None and callable(chunk_consumed_cb) \
                 and _takes_reply(chunk_consumed_cb, cb_kwargs):
@@ -160,7 +160,7 @@ class FileStreamer(_FileStreamer):
                 nvflare_cb(_ChunkReply(), stream_ctx, ctx, **kwargs)
 
         _FileStreamer.register_stream_processing(fl_ctx, channel, topic, dest_dir, stream_done_cb,
-                                                 chunk_consumed_cb, **cb_kwargs)
+                                                 chunk_consumed_cb, allow_pickle, **cb_kwargs)
 
     @staticmethod
     def stream_file(channel: str, topic: str, stream_ctx: Optional[Mapping[str, Any]], targets: List[str],
