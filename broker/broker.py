@@ -26,6 +26,7 @@ from collections import Counter
 from typing import Optional
 
 import zmq
+import zmq.asyncio
 
 from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission, ZapAuthenticator
 from fedstream.broker.outflow import TRACK_MIN, OutFlow
@@ -76,6 +77,10 @@ class Broker:
         self._zap: Optional[ZapAuthenticator] = None
         self._bind_host = "*" if self._host == "0.0.0.0" else self._host
         self._fanout_ports = fanout_ports
+        if context is not None and not isinstance(context, zmq.Context):
+            raise ValueError(f"context must be a zmq.Context, got {type(context).__name__}.")
+        if isinstance(context, zmq.asyncio.Context):  # its sockets need an event loop; the broker threads have none
+            context = zmq.Context.shadow(context.underlying)
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self.registry = Registry(node_timeout)

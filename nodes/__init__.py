@@ -1,5 +1,6 @@
 """What runs inside a server or site process: Cell, FLContext and the file transfer features."""
 
+from fedstream.nodes import aio
 from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.context import FLContext
 from fedstream.nodes.message import Message, Reply
@@ -8,4 +9,4 @@ from fedstream.nodes.push import FileStreamer, StreamContext
 from fedstream.nodes.simulate.local import LocalFederation
 
 __all__ = ["Cell", "FLContext", "FileDownloader", "FileStreamer", "LocalFederation", "Message", "PendingRequest",
-           "Reply", "StreamContext", "download_file", "download_object"]
+           "Reply", "StreamContext", "aio", "download_file", "download_object"]

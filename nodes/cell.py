@@ -26,6 +26,7 @@ and carries the request's id; ids are 64-bit random, so another node can neither
 nor reuse them. Anything else is ignored and counted in `stats["forged_replies"]`.
 """
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -33,9 +34,10 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Generator, Iterable, Optional, Union
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from fedstream.common import protocol as proto
@@ -109,6 +111,15 @@ class PendingRequest:
         """Stop waiting for this reply."""
         self._cell._forget(self.request_id)
 
+    def __await__(self) -> Generator[Any, None, Message]:
+        """`await pending` inside asyncio gives the reply Message; cancelling the await cancels the request."""
+        waiter = asyncio.wrap_future(self.future)
+        try:  # shielded: the reply side never sees a cancelled future, only a forgotten request
+            return (yield from asyncio.shield(waiter).__await__())
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
 
 class Cell:
     """A named endpoint (FQCN) connected to the broker."""
@@ -129,6 +140,10 @@ class Cell:
             raise ValueError(f"workers must be at least 1, got {workers!r}.")
         self._hb_interval = heartbeat_interval
         self._workers = workers
+        if context is not None and not isinstance(context, zmq.Context):
+            raise ValueError(f"context must be a zmq.Context, got {type(context).__name__}.")
+        if isinstance(context, zmq.asyncio.Context):  # its sockets need an event loop; the I/O thread has none
+            context = zmq.Context.shadow(context.underlying)
         self._own_context = context is None
         self.context = context or zmq.Context()
         self._handlers: dict[tuple[str, str], tuple[RequestCallback, bool]] = {}
