@@ -1,4 +1,4 @@
-"""fedstream.nodes.compat.nvflare: NVFlare-style code (tests/helpers/nvflare_sample.py) on a real federation."""
+"""fedstream.nodes.nvflare: NVFlare-style code (tests/helpers/nvflare_sample.py) on a real federation."""
 
 import hashlib
 import os
@@ -9,8 +9,8 @@ import pytest
 
 from fedstream.common import ReturnCode as OurReturnCode
 from fedstream.nodes import LocalFederation
-from fedstream.nodes.compat import nvflare
-from fedstream.nodes.compat.nvflare import (
+from fedstream.nodes import nvflare
+from fedstream.nodes.nvflare import (
     FileStreamer,
     FLContext,
     ObjectDownloader,

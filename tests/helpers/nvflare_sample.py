@@ -15,7 +15,7 @@ tests/test_compat_nvflare.py drives these classes on a real in-process federatio
 
 import threading
 
-from fedstream.nodes.compat.nvflare import (
+from fedstream.nodes.nvflare import (
     DownloadStatus,
     FileStreamer,
     FLContext,
