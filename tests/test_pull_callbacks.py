@@ -1,4 +1,4 @@
-"""Where the owner's user callbacks run: in the Cell's worker pool, never on its I/O thread."""
+"""The owner side of pull as users call it: where callbacks run, the keywords add_file takes."""
 
 import threading
 
@@ -32,3 +32,17 @@ def test_file_downloaded_cb_runs_in_the_owner_cells_pool(tmp_path):
     assert (to_site, status, kwargs) == ("site-1", DownloadStatus.SUCCESS, {"tag": "t"})
     assert name.startswith("cell-owner") and "io" not in name
     assert len(calls) == 1
+
+
+def test_add_file_takes_nvflare_keywords_without_mixing_them_into_cb_kwargs(tmp_path):
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"y" * 1000)
+    with Broker(bind="tcp://127.0.0.1:0") as broker, Cell("owner", broker.address) as owner:
+        tx = FileDownloader.new_transaction(owner, 30, None)
+        assert FileDownloader.add_file(tx, str(source), chunk_size=0)
+        assert FileDownloader.add_file(tx, str(source), chunk_size=4096)
+        with pytest.raises(ValueError, match="ref_id cannot be chosen"):
+            FileDownloader.add_file(tx, str(source), ref_id="mine")
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            FileDownloader.add_file(tx, str(source), chunk_size=-1)
+        FileDownloader.delete_transaction(tx)

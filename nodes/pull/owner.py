@@ -394,12 +394,20 @@ class FileDownloader:
 
     @classmethod
     def add_file(cls, transaction_id: str, file_name: str, file_downloaded_cb: Optional[Callable] = None,
-                 **cb_kwargs: Any) -> str:
+                 *, chunk_size: Optional[int] = None, ref_id: Optional[str] = None, **cb_kwargs: Any) -> str:
         """Share `file_name` in the transaction and return its reference id (RID).
 
         `file_downloaded_cb(ref_id, to_site, status, file_name, **cb_kwargs)` is called once per
-        recipient, with DownloadStatus.SUCCESS or FAILED.
+        recipient, with DownloadStatus.SUCCESS or FAILED. `chunk_size` (NVFlare's owner-side
+        option; None or 0 = default) is accepted for compatibility: each recipient chooses its
+        own. `ref_id` cannot be chosen (RIDs are unguessable); passing one raises ValueError
+        rather than landing in `cb_kwargs`.
         """
+        if ref_id is not None:
+            raise ValueError("ref_id cannot be chosen: fedstream makes every RID unguessable; use the one returned.")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 0):
+            raise ValueError(f"chunk_size must be None, 0 or a positive number of bytes, got {chunk_size!r}.")
         tx = _directory.transaction(transaction_id)
         if tx is None:
             raise ValueError(f"Unknown transaction {transaction_id!r}: it does not exist or has ended.")
