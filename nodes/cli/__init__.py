@@ -7,10 +7,11 @@ one that knows them all, so the CLI has no import circle.
 import click
 
 from fedstream.nodes.cli import broker, node, provision, pull, push, simulate
-from fedstream.nodes.cli.options import package_version
+from fedstream.nodes.cli.options import EXIT_STATUS_HELP, package_version
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_STATUS_HELP + " `simulate` exits 3 when only the killed site missed rounds.")
 @click.version_option(package_version(), "--version", prog_name="fedstream", message="%(prog)s %(version)s")
 def main() -> None:
     """fedstream: stream large files between federation sites through one ZeroMQ broker."""

@@ -6,13 +6,14 @@ import threading
 import click
 
 from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
-from fedstream.common.errors import FedstreamError
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cli.options import (
+    EXIT_USAGE,
     broker_option,
     fail,
     kit_option,
     setup_logging,
+    start_or_fail,
     verbose_option,
     wait_for_termination,
 )
@@ -48,7 +49,7 @@ def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", v
         os.makedirs(recv_dir, exist_ok=True)
         cell = Cell(name, broker_url, kit=kit)
     except (OSError, ValueError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE)
 
     def pushed(stream_ctx, fl_ctx) -> None:
         if FileStreamer.get_rc(stream_ctx) == ReturnCode.OK:
@@ -65,10 +66,7 @@ def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", v
     FileStreamer.register_stream_processing(FLContext(cell), DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC,
                                             dest_dir=recv_dir, stream_done_cb=pushed)
     accept_announcements(cell, recv_dir, pulled)
-    try:
-        cell.start()
-    except (FedstreamError, ValueError) as exc:
-        fail(str(exc))
+    start_or_fail(cell)
     emit("ready", name)
     try:
         wait_for_termination(threading.Event())
