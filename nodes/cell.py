@@ -628,8 +628,9 @@ class Cell:
             self._registered.set()
         else:
             reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")
-            if reason != self._reg_reason:
-                log.error("broker refused cell '%s': %s", self.fqcn, reason)
+            if reason != self._reg_reason:  # a first refusal is start()'s exception, not a log line
+                log.log(logging.ERROR if self._reg_answer.is_set() else logging.DEBUG,
+                        "broker refused cell '%s': %s", self.fqcn, reason)
             self._reg_reason = reason
         self._reg_answer.set()
 
