@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from fedstream.common import digest as digests
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.signal import Signal
 from fedstream.nodes.cell import Cell, PendingRequest
@@ -382,6 +382,7 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if not isinstance(cell, Cell):
         raise ValueError(f"download_file needs a Cell, got {type(cell).__name__}.")
     location = check_dest_dir(location, "location")
+    remove_stale_parts(location)  # what a killed recipient left behind (locked ones are in use)
     if secure:
         raise ValueError("secure=True is not supported: fedstream has no per-peer encryption.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) \

@@ -35,7 +35,7 @@ import zmq
 
 from fedstream.common import digest as digests
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts, sanitize_name
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.context import FLContext
@@ -401,6 +401,7 @@ class ReceiverSide:
         return self._service.cell
 
     def register(self, reg: _Registration) -> None:
+        remove_stale_parts(reg.dest_dir)  # what a killed receiver left behind
         self.cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))
 
     def forget(self, sid: str, committed: bool = False) -> None:
