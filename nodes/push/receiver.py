@@ -186,6 +186,9 @@ class _Stream:
     def _run(self) -> None:
         try:
             self._receive()
+        except OSError as exc:  # the disk is full or gone: one sentence naming the directory, no traceback
+            if self.end(ReturnCode.ERROR, f"cannot write to {self.reg.dest_dir}: {exc.strerror or exc}"):
+                log.warning("stream %s failed: cannot write to %s: %s", self.sid, self.reg.dest_dir, exc.strerror)
         except Exception as exc:
             if self.end(ReturnCode.ERROR, f"{type(exc).__name__}: {exc}"):
                 log.exception("stream %s failed", self.sid)
@@ -469,8 +472,7 @@ class ReceiverSide:
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
         free = shutil.disk_usage(reg.dest_dir).free
         if free < info["size"]:
-            raise ValueError(f"'{cell_name}' has only {free} bytes free in its destination directory, "
-                             f"{info['size']} needed")
+            raise ValueError(f"'{cell_name}' has only {free} bytes free in {reg.dest_dir}, {info['size']} needed")
         while True:
             path = os.path.join(reg.dest_dir, f".fedstream-{info['sid']}-{secrets.token_hex(4)}.part")
             try:
