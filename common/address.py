@@ -77,14 +77,6 @@ def parse_endpoint(address: object) -> Endpoint:
     return Endpoint("tcp", host, int(port_text))
 
 
-def split_tcp_address(address: str) -> tuple[str, int]:
-    """Split 'tcp://host:port' into (host, port); raise ValueError if it is not a tcp endpoint."""
-    endpoint = parse_endpoint(address)
-    if endpoint.scheme != "tcp":
-        raise _invalid(address, "expected tcp://HOST:PORT")
-    return endpoint.host, endpoint.port
-
-
 def derive_fanout(bind: Endpoint) -> tuple[Endpoint, Endpoint]:
     """The default (in, out) fan-out endpoints next to the message endpoint `bind`."""
     if bind.scheme == "tcp":
