@@ -86,3 +86,9 @@ def test_push_target_not_connected_fails_at_once(tmp_path):
         assert (rc, ok) == (ReturnCode.COMMUNICATION_ERROR, False)
         with pytest.raises(UnreachableError, match="'ghost' is not connected"):
             server.send_request("test", "ping", "ghost", b"", timeout=60)
+
+
+def test_exit_statuses_are_in_the_help(tmp_path):
+    ran = run_cli("get", "--help", cwd=str(tmp_path))
+    text = " ".join(ran.stdout.split())
+    assert ran.returncode == 0 and "4 timeout" in text and "5 broker or peer unreachable" in text
