@@ -92,3 +92,15 @@ def test_exit_statuses_are_in_the_help(tmp_path):
     ran = run_cli("get", "--help", cwd=str(tmp_path))
     text = " ".join(ran.stdout.split())
     assert ran.returncode == 0 and "4 timeout" in text and "5 broker or peer unreachable" in text
+
+
+def test_peer_not_connected_exits_5(tmp_path):
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    with Broker(bind="tcp://127.0.0.1:0") as broker:
+        got = run_cli("get", RID, "--from", "nobody", "--broker", broker.address, "--timeout", "60",
+                      "-o", str(tmp_path / "out"), cwd=str(tmp_path))
+        pushed = run_cli("push", str(src), "--to", "ghost", "--broker", broker.address, "--chunk-timeout", "60",
+                         cwd=str(tmp_path))
+    assert got.returncode == EXIT_UNREACHABLE and "'nobody' is not connected" in one_line(got)
+    assert pushed.returncode == EXIT_UNREACHABLE and "'ghost' is not connected" in one_line(pushed)
