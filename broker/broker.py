@@ -168,15 +168,15 @@ class Broker:
         if endpoint.is_ipv6:
             sock.setsockopt(zmq.IPV6, 1)
         url = endpoint.url()
-        if endpoint.scheme == "tcp":
-            host = "*" if endpoint.host in ("0.0.0.0", "*") else url[6:url.rindex(":")]
+        if endpoint.scheme == "tcp":  # ZeroMQ spells "every interface" and "a free port" with `*`
+            host = "*" if endpoint.host in ("0.0.0.0", "*") else url[len("tcp://"):url.rindex(":")]
             url = f"tcp://{host}:{endpoint.port or '*'}"
         try:
             sock.bind(url)
         except zmq.ZMQError as exc:
             label, option, keyword = _ROLES[role]
-            raise OSError(f"Broker cannot bind its {label} on {endpoint.url()}: {zmq.strerror(exc.errno)}; choose another "
-                          f"with {option} (Broker({keyword}=...)).") from None
+            raise OSError(f"Broker cannot bind its {label} on {endpoint.url()}: {zmq.strerror(exc.errno)}; "
+                          f"choose another with {option} (Broker({keyword}=...)).") from None
         if endpoint.scheme != "tcp":
             return endpoint
         bound = parse_endpoint(sock.getsockopt_string(zmq.LAST_ENDPOINT))
