@@ -637,10 +637,11 @@ class Cell:
     def _fanout_from(self, info: object) -> tuple[str, str]:
         """The fan-out endpoints the broker advertised, made connectable (a tcp host `*` = the broker's host)."""
         try:
-            assert isinstance(info, dict)
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
             ends = [reachable(parse_endpoint(info.get(key)), self._broker_endpoint)
                     for key in ("fanout_in", "fanout_out")]
-        except (AssertionError, ValueError):
+        except ValueError:
             raise proto.ProtocolError("the registration answer lacks valid fan-out endpoints") from None
         if any(end.is_ipv6 for end in ends):
             self.context.setsockopt(zmq.IPV6, 1)  # the push sockets are made by this context
