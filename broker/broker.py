@@ -32,7 +32,7 @@ from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission, ZapAu
 from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
-from fedstream.common.address import split_tcp_address
+from fedstream.common.address import Endpoint, derive_fanout, parse_endpoint, reachable
 from fedstream.common.fqcn import MAX_FQCN_LENGTH, is_valid_fqcn
 from fedstream.common.kits import Kit, PathLike, load_kit
 from fedstream.common.peerlog import PeerErrors
@@ -52,8 +52,16 @@ _STUCK_PEER = 15.0  # seconds a node may leave a large message unread before the
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
 
 
-def _reachable_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "*", "") else host
+# (label in messages, CLI option, keyword) of the three bound endpoints
+_ROLES = {
+    "message": ("message endpoint", "--bind", "bind"),
+    "in": ("fan-out input", "--fanout-in", "fanout_in"),
+    "out": ("fan-out output", "--fanout-out", "fanout_out"),
+}
+
+
+def _optional_endpoint(url: Optional[str]) -> Optional[Endpoint]:
+    return parse_endpoint(url) if url is not None else None
 
 
 class Broker:
@@ -64,10 +72,26 @@ class Broker:
         bind: str = DEFAULT_BIND,
         context: Optional[zmq.Context] = None,
         node_timeout: float = DEFAULT_NODE_TIMEOUT,
-        fanout_ports: Optional[tuple[int, int]] = None,
         kit: Optional[PathLike] = None,
+        *,
+        fanout_in: Optional[str] = None,
+        fanout_out: Optional[str] = None,
+        advertise_fanout_in: Optional[str] = None,
+        advertise_fanout_out: Optional[str] = None,
     ) -> None:
-        self._host, self._port = split_tcp_address(bind)
+        """Bind `bind` for messages and `fanout_in`/`fanout_out` for push chunks (derived when None).
+
+        `advertise_fanout_in`/`advertise_fanout_out` are what nodes are told to connect to, for a
+        broker behind a forward (NAT, ssh -L); a tcp host `*` there means "the broker's host as the
+        node knows it". Any ZeroMQ endpoint works: tcp:// (IPv4, [IPv6], *), ipc://, inproc://
+        (inproc needs the nodes to share `context`).
+        """
+        self._bind_endpoint = parse_endpoint(bind)
+        derived_in, derived_out = derive_fanout(self._bind_endpoint)
+        self._fanout_binds = {"in": _optional_endpoint(fanout_in) or derived_in,
+                              "out": _optional_endpoint(fanout_out) or derived_out}
+        self._advertised = {"in": _optional_endpoint(advertise_fanout_in),
+                            "out": _optional_endpoint(advertise_fanout_out)}
         if node_timeout <= 0:
             raise ValueError(f"node_timeout must be positive, got {node_timeout!r}.")
         self.kit: Optional[Kit] = load_kit(kit) if kit is not None else None
@@ -75,8 +99,6 @@ class Broker:
             raise ValueError(f"Kit {str(kit)!r} belongs to '{self.kit.name}', not to the broker.")
         self._admission: Optional[Admission] = None
         self._zap: Optional[ZapAuthenticator] = None
-        self._bind_host = "*" if self._host == "0.0.0.0" else self._host
-        self._fanout_ports = fanout_ports
         if context is not None and not isinstance(context, zmq.Context):
             raise ValueError(f"context must be a zmq.Context, got {type(context).__name__}.")
         if isinstance(context, zmq.asyncio.Context):  # its sockets need an event loop; the broker threads have none
@@ -93,6 +115,7 @@ class Broker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._fanout_info: dict = {}
+        self._bound: dict[str, Endpoint] = {}
         self.address = ""
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -102,9 +125,9 @@ class Broker:
             raise RuntimeError("Broker is already started.")
         try:
             self._bind_sockets()
-        except zmq.ZMQError as exc:
+        except BaseException:
             self._close_sockets()
-            raise OSError(f"Broker cannot bind on {self._host}:{self._port}: {exc}") from None
+            raise
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._route_loop, name="fedstream-broker", daemon=True),
@@ -112,8 +135,7 @@ class Broker:
         ]
         for thread in self._threads:
             thread.start()
-        log.info("broker listening on %s (fan-out in %s, out %s)", self.address,
-                 self._fanout_info["xsub_port"], self._fanout_info["xpub_port"])
+        log.info("broker listening on %s (fan-out in %s, out %s)", self.address, *self.fanout_endpoints)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -141,14 +163,29 @@ class Broker:
         self.stop()
 
     @property
-    def fanout_ports(self) -> tuple[int, int]:
-        """(XSUB port publishers connect to, XPUB port subscribers connect to)."""
-        return self._fanout_info["xsub_port"], self._fanout_info["xpub_port"]
+    def fanout_endpoints(self) -> tuple[str, str]:
+        """(bound endpoint publishers connect to, bound endpoint subscribers connect to), once started."""
+        return reachable(self._bound["in"]).url(), reachable(self._bound["out"]).url()
 
     # -- setup -----------------------------------------------------------------------------
-    def _bind(self, sock: zmq.Socket, port: int) -> int:
-        sock.bind(f"tcp://{self._bind_host}:{port if port else '*'}")
-        return split_tcp_address(sock.getsockopt_string(zmq.LAST_ENDPOINT).replace("[", "").replace("]", ""))[1]
+    def _bind(self, sock: zmq.Socket, role: str, endpoint: Endpoint) -> Endpoint:
+        """Bind `sock` on `endpoint` (port 0: a free port); return the endpoint actually bound."""
+        if endpoint.is_ipv6:
+            sock.setsockopt(zmq.IPV6, 1)
+        url = endpoint.url()
+        if endpoint.scheme == "tcp":  # ZeroMQ spells "every interface" and "a free port" with `*`
+            host = "*" if endpoint.host in ("0.0.0.0", "*") else url[len("tcp://"):url.rindex(":")]
+            url = f"tcp://{host}:{endpoint.port or '*'}"
+        try:
+            sock.bind(url)
+        except zmq.ZMQError as exc:
+            label, option, keyword = _ROLES[role]
+            raise OSError(f"Broker cannot bind its {label} on {endpoint.url()}: {zmq.strerror(exc.errno)}; "
+                          f"choose another with {option} (Broker({keyword}=...)).") from None
+        if endpoint.scheme != "tcp":
+            return endpoint
+        bound = parse_endpoint(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        return endpoint.with_port(bound.port)
 
     def _secure(self, sock: zmq.Socket, domain: bytes) -> None:
         """With a kit: make `sock` a CURVE server whose clients the ZAP handler admits."""
@@ -175,15 +212,9 @@ class Broker:
         router.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         router.linger = 0
-        port = self._bind(router, self._port)
-        self.address = f"tcp://{_reachable_host(self._host)}:{port}"
+        self._bound["message"] = self._bind(router, "message", self._bind_endpoint)
+        self.address = reachable(self._bound["message"]).url()
 
-        if self._fanout_ports:
-            in_port, out_port = self._fanout_ports
-        elif self._port:
-            in_port, out_port = self._port + 1, self._port + 2
-        else:
-            in_port, out_port = 0, 0
         xsub = self._xsub = self._ctx.socket(zmq.XSUB)
         self._secure(xsub, FANOUT_DOMAIN)
         xsub.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
@@ -196,16 +227,28 @@ class Broker:
         xpub.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         xpub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         xpub.linger = 0
-        self._fanout_info = {
-            "xsub_port": self._bind(xsub, in_port),
-            "xpub_port": self._bind(xpub, out_port),
-            "node_timeout": self.registry.node_timeout,
-        }
+        self._bound["in"] = self._bind(xsub, "in", self._fanout_binds["in"])
+        self._bound["out"] = self._bind(xpub, "out", self._fanout_binds["out"])
+        self._fanout_info = self._registration_info()
         # Subscribe to everything upstream: every publisher learns at once that its pipe is live.
         xsub.send(b"\x01")
         self._ctrl_endpoint = f"inproc://fedstream-broker-ctrl-{id(self)}"
         self._ctrl = self._ctx.socket(zmq.PAIR)
         self._ctrl.bind(self._ctrl_endpoint)
+
+    def _registration_info(self) -> dict:
+        """What a node learns at registration: where to publish and subscribe to push chunks."""
+        info: dict = {"node_timeout": self.registry.node_timeout}
+        for role, key in (("in", "fanout_in"), ("out", "fanout_out")):
+            bound = self._bound[role]
+            advertised = self._advertised[role]
+            if advertised is None:  # tcp: the node uses the host it reached the broker on, as it always did
+                tcp_broker = bound.scheme == "tcp" and self._bind_endpoint.scheme == "tcp"
+                advertised = bound.with_host("*") if tcp_broker else reachable(bound)
+            info[key] = advertised.url()
+            if advertised.scheme == "tcp":
+                info["xsub_port" if role == "in" else "xpub_port"] = advertised.port
+        return info
 
     def _close_sockets(self) -> None:
         for name in ("_router", "_xsub", "_xpub", "_ctrl"):

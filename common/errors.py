@@ -27,3 +27,11 @@ class RequestTimeout(FedstreamError, TimeoutError):
 
 class RemoteError(FedstreamError):
     """The target received the request but answered with an error."""
+
+
+class NoBrokerError(RegistrationError, BrokerUnreachableError):
+    """Nothing accepted a connection at the broker address (no broker listens there)."""
+
+
+class RegistrationTimeout(RegistrationError, TimeoutError):
+    """A connection to the broker address was made, but no registration answer came in time."""

@@ -1,9 +1,18 @@
-"""Received file names: sanitizing peer-supplied names and committing files under final names."""
+"""Received file names: sanitizing peer-supplied names, committing files under final names, and
+removing the stale `.part` files a killed receiver left behind (push: `.fedstream-<sid>-<hex>.part`,
+pull: `.fedstream-<RID>.part`) once they are older than the stale-part age."""
 
 import errno
+import fcntl
+import logging
 import os
 import re
+import stat
+import threading
+import time
 import unicodedata
+
+log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,@~() -]")
 MAX_NAME_LENGTH = 200
@@ -78,3 +87,74 @@ def check_dest_dir(dest_dir: "str | None", what: str = "dest_dir") -> str:
     if not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path!r} is not writable.")
     return os.path.abspath(path)
+
+
+DEFAULT_STALE_PART_AGE = 3600.0  # seconds without a write after which a .part file is left over
+_PART_NAME = re.compile(r"\.fedstream-[A-Za-z0-9_-]{8,128}(-[0-9a-f]{8})?\.part")
+_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of the same directory
+_sweep_lock = threading.Lock()
+_swept: dict[str, float] = {}  # directory -> when it was last swept
+_stale_part_age = DEFAULT_STALE_PART_AGE
+
+
+def set_stale_part_age(seconds: float) -> None:
+    """Set the age (seconds since the last write) after which receivers remove their .part files."""
+    global _stale_part_age
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"the stale .part age must be a positive number of seconds, got {seconds!r}.")
+    with _sweep_lock:
+        _stale_part_age = float(seconds)
+        _swept.clear()
+
+
+def is_part_name(name: str) -> bool:
+    """Tell whether `name` is one of fedstream's own .part file names."""
+    return _PART_NAME.fullmatch(name) is not None
+
+
+def remove_stale_parts(directory: str) -> list[str]:
+    """Remove fedstream's .part files in `directory` not written for the stale-part age; return their paths.
+
+    A directory is swept at most once a minute; a .part file another download holds locked,
+    a symlink and anything not named like fedstream's .part files are left alone.
+    """
+    now = time.time()
+    with _sweep_lock:
+        key = os.path.abspath(directory)
+        if now - _swept.get(key, float("-inf")) < _SWEEP_INTERVAL:
+            return []
+        _swept[key] = now
+        max_age = _stale_part_age
+    try:
+        names = [name for name in os.listdir(directory) if is_part_name(name)]
+    except OSError:
+        return []
+    paths = [os.path.join(directory, name) for name in names]
+    removed = [path for path in paths if _remove_if_stale(path, now - max_age)]
+    if removed:
+        log.info("removed %d stale .part file(s) from %s", len(removed), directory)
+    return removed
+
+
+def _remove_if_stale(path: str, written_before: float) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or held.st_mtime >= written_before:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a download in progress holds its .part locked
+        except OSError:
+            return False
+        current = os.stat(path, follow_symlinks=False)
+        if (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

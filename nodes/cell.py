@@ -41,10 +41,12 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from fedstream.common import protocol as proto
-from fedstream.common.address import split_tcp_address
+from fedstream.common.address import parse_endpoint, reachable
 from fedstream.common.errors import (
     BrokerUnreachableError,
     CellError,
+    NoBrokerError,
+    RegistrationTimeout,
     RegistrationError,
     RemoteError,
     RequestTimeout,
@@ -133,7 +135,7 @@ class Cell:
             raise ValueError(f"Cell '{self.fqcn}' cannot use kit {str(kit)!r}: its certificate is for "
                              f"'{self.kit.name}'.")
         self.broker = broker
-        self._broker_host, _ = split_tcp_address(broker)
+        self._broker_endpoint = parse_endpoint(broker)
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval!r}.")
         if workers < 1:
@@ -161,8 +163,9 @@ class Cell:
         self._reg_reason: Optional[str] = None
         self._reg_answer = threading.Event()
         self._handshake_failure: Optional[dict] = None  # a monitor event: the broker refused the handshake
+        self._connected = threading.Event()  # something accepted the connection (a monitor event)
         self._monitor: Optional[zmq.Socket] = None
-        self._fanout: dict = {}
+        self._fanout: tuple[str, str] = ("", "")
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._stop_hooks: list[Callable[[], None]] = []
@@ -172,12 +175,16 @@ class Cell:
         self._backlog_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> "Cell":
-        """Connect to the broker and register; raise RegistrationError if refused or unanswered."""
+    def start(self, timeout: float = 10.0, connect_timeout: Optional[float] = None) -> "Cell":
+        """Connect to the broker and register; raise RegistrationError if refused or unanswered.
+
+        With `connect_timeout`, raise NoBrokerError after that many seconds if nothing accepted a
+        connection at the broker address (no broker listens there); `timeout` bounds the whole start.
+        """
         if self._thread is not None:
             raise CellError(f"Cell '{self.fqcn}' is already started.")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}.")
+        if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
+            raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}.")
         self._stop.clear()
         self._outbox_endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
         self._out_push = self.context.socket(zmq.PUSH)
@@ -187,6 +194,13 @@ class Cell:
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
+        if connect_timeout is not None and connect_timeout < timeout and self._broker_endpoint.scheme != "inproc":
+            self._reg_answer.wait(connect_timeout)
+            if not self._reg_answer.is_set() and not self._connected.is_set():
+                self.stop()
+                raise NoBrokerError(f"No broker is listening at {self.broker} (nothing accepted a connection "
+                                    f"within {connect_timeout:g} s).")
+            timeout -= connect_timeout
         self._reg_answer.wait(timeout)
         handshake_failure = self._handshake_failure
         if handshake_failure is not None:
@@ -194,7 +208,7 @@ class Cell:
             raise RegistrationError(self._explain_handshake(handshake_failure))
         if not self._reg_answer.is_set():
             self.stop()
-            raise RegistrationError(f"The broker at {self.broker} did not answer within {timeout:g} s.")
+            raise RegistrationTimeout(f"The broker at {self.broker} did not answer within {timeout:g} s.")
         if not self._registered.is_set():
             reason = self._reg_reason
             self.stop()
@@ -245,9 +259,11 @@ class Cell:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        if self._broker_endpoint.is_ipv6:
+            dealer.setsockopt(zmq.IPV6, 1)
         self.secure_socket(dealer)
         # ZeroMQ keeps a failed CURVE handshake to itself: watch for one until the first registration answer.
-        self._monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILURES)
+        self._monitor = dealer.get_monitor_socket(_HANDSHAKE_FAILURES | zmq.EVENT_CONNECTED)
         dealer.connect(self.broker)
         self._out_pull = self.context.socket(zmq.PULL)
         self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
@@ -262,7 +278,9 @@ class Cell:
     def _watch_handshake(self) -> None:
         """Note a failed handshake and wake start(); called on the I/O thread when the monitor has an event."""
         event = recv_monitor_message(self._monitor)
-        if event["event"] & _HANDSHAKE_FAILURES and not self._reg_answer.is_set():
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self._connected.set()
+        elif event["event"] & _HANDSHAKE_FAILURES and not self._reg_answer.is_set():
             self._handshake_failure = event
             self._reg_answer.set()
 
@@ -302,7 +320,8 @@ class Cell:
         self._registered.clear()
         self._reg_answer.clear()
         self._handshake_failure = None
-        self._fanout = {}
+        self._connected.clear()
+        self._fanout = ("", "")
         if self._own_context and io_ended:
             self.context.term()
 
@@ -349,10 +368,9 @@ class Cell:
     @property
     def fanout_endpoints(self) -> tuple[str, str]:
         """(address to publish chunks to, address to subscribe to chunks from) on the broker."""
-        if not self._fanout:
+        if not self._fanout[0]:
             raise CellError(f"Cell '{self.fqcn}' is not registered with a broker.")
-        host = self._broker_host
-        return f"tcp://{host}:{self._fanout['xsub_port']}", f"tcp://{host}:{self._fanout['xpub_port']}"
+        return self._fanout
 
     # -- handlers --------------------------------------------------------------------------
     def register_request_cb(self, channel: str, topic: str, cb: RequestCallback, inline: bool = False) -> None:
@@ -639,20 +657,31 @@ class Cell:
     def _on_registered(self, frames: list) -> None:
         status = frames[1].bytes
         if status == proto.REG_OK:
-            info = proto.decode_object(frames[2].buffer)
-            if not all(type(info.get(key)) is int and 0 < info[key] < 65536 for key in ("xsub_port", "xpub_port")):
-                raise proto.ProtocolError("the registration answer lacks the fan-out ports")
+            self._fanout = self._fanout_from(proto.decode_object(frames[2].buffer))
             self._reg_reason = None
-            self._fanout = info
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
             self._registered.set()
         else:
             reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")
-            if reason != self._reg_reason:
-                log.error("broker refused cell '%s': %s", self.fqcn, reason)
+            if reason != self._reg_reason:  # a first refusal is start()'s exception, not a log line
+                log.log(logging.ERROR if self._reg_answer.is_set() else logging.DEBUG,
+                        "broker refused cell '%s': %s", self.fqcn, reason)
             self._reg_reason = reason
         self._reg_answer.set()
+
+    def _fanout_from(self, info: object) -> tuple[str, str]:
+        """The fan-out endpoints the broker advertised, made connectable (a tcp host `*` = the broker's host)."""
+        try:
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+            ends = [reachable(parse_endpoint(info.get(key)), self._broker_endpoint)
+                    for key in ("fanout_in", "fanout_out")]
+        except ValueError:
+            raise proto.ProtocolError("the registration answer lacks valid fan-out endpoints") from None
+        if any(end.is_ipv6 for end in ends):
+            self.context.setsockopt(zmq.IPV6, 1)  # the push sockets are made by this context
+        return ends[0].url(), ends[1].url()
 
     def _on_undeliverable(self, frames: list) -> None:
         destination = frames[1].bytes.decode("ascii")

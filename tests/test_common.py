@@ -23,10 +23,10 @@ def test_invalid_fqcns_raise_value_error(name):
 def test_cell_and_broker_validate_their_arguments():
     with pytest.raises(ValueError, match="Invalid FQCN"):
         Cell("bad name", "tcp://127.0.0.1:5550")
-    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
+    with pytest.raises(ValueError, match="expected SCHEME://ADDRESS"):
         Cell("site-1", "127.0.0.1:5550")
-    with pytest.raises(ValueError, match="expected tcp://HOST:PORT"):
-        Broker(bind="ipc:///tmp/x")
+    with pytest.raises(ValueError, match="the scheme must be one of tcp, ipc, inproc"):
+        Broker(bind="udp://127.0.0.1:5550")
     with pytest.raises(ValueError, match="needs a Cell"):
         FLContext("site-1")
 

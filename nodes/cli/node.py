@@ -6,13 +6,15 @@ import threading
 import click
 
 from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC
-from fedstream.common.errors import FedstreamError
+from fedstream.common.filenames import DEFAULT_STALE_PART_AGE, set_stale_part_age
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cli.options import (
+    EXIT_USAGE,
     broker_option,
     fail,
     kit_option,
     setup_logging,
+    start_or_fail,
     verbose_option,
     wait_for_termination,
 )
@@ -31,9 +33,12 @@ def emit(*fields: object) -> None:
 @broker_option
 @click.option("--recv-dir", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Directory received files are written to (created if missing).")
+@click.option("--stale-part-age", default=DEFAULT_STALE_PART_AGE, show_default=True, type=float, metavar="S",
+              help="Remove the .part files of earlier, killed receptions in --recv-dir once S seconds old.")
 @kit_option
 @verbose_option
-def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", verbose: int) -> None:
+def node_command(name: str, broker_url: str, recv_dir: str, stale_part_age: float, kit: "str | None",
+                 verbose: int) -> None:
     """Run site NAME until Ctrl-C: accept pushes and download announced RIDs into --recv-dir.
 
     Prints `ready<TAB>NAME` once registered, then one line per file:
@@ -45,10 +50,11 @@ def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", v
     setup_logging(verbose)
     recv_dir = os.path.abspath(recv_dir)
     try:
+        set_stale_part_age(stale_part_age)
         os.makedirs(recv_dir, exist_ok=True)
         cell = Cell(name, broker_url, kit=kit)
     except (OSError, ValueError) as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE)
 
     def pushed(stream_ctx, fl_ctx) -> None:
         if FileStreamer.get_rc(stream_ctx) == ReturnCode.OK:
@@ -65,10 +71,7 @@ def node_command(name: str, broker_url: str, recv_dir: str, kit: "str | None", v
     FileStreamer.register_stream_processing(FLContext(cell), DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC,
                                             dest_dir=recv_dir, stream_done_cb=pushed)
     accept_announcements(cell, recv_dir, pulled)
-    try:
-        cell.start()
-    except (FedstreamError, ValueError) as exc:
-        fail(str(exc))
+    start_or_fail(cell)
     emit("ready", name)
     try:
         wait_for_termination(threading.Event())

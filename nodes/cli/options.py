@@ -17,6 +17,16 @@ log = logging.getLogger(__name__)
 BROKER_ENV = "FEDSTREAM_BROKER"
 KIT_ENV = "FEDSTREAM_KIT"
 
+# Exit statuses of every command (README, "Command line"); 3 belongs to `simulate` (a site missed a round).
+EXIT_FAILURE = 1  # anything else: a transfer failed, a file is missing, the disk is full
+EXIT_USAGE = 2  # bad arguments (click uses 2 for its own usage errors)
+EXIT_TIMEOUT = 4  # a peer or the broker did not answer in time
+EXIT_UNREACHABLE = 5  # no broker listens at the address, or a peer is not connected
+EXIT_REFUSED = 6  # the broker refused this node (registration, kit / authentication)
+EXIT_STATUS_HELP = ("Exit status: 0 success, 1 failure, 2 bad usage, 4 timeout, 5 broker or peer "
+                    "unreachable, 6 refused by the broker.")
+CONNECT_TIMEOUT = 2.0  # seconds to find a listening broker before a command gives up
+
 
 def setup_logging(verbose: int) -> None:
     """Send log records to stderr; -v shows progress details, -vv everything."""
@@ -69,15 +79,47 @@ def cli_name(name: "str | None", kind: str, kit: "str | None") -> str:
     return default_cli_name(kind)
 
 
+def exit_status(error: BaseException) -> int:
+    """The exit status for an error that ends a command."""
+    from fedstream.common import errors
+
+    if isinstance(error, (errors.NoBrokerError, errors.UnreachableError, errors.BrokerUnreachableError)):
+        return EXIT_UNREACHABLE
+    if isinstance(error, TimeoutError):
+        return EXIT_TIMEOUT
+    if isinstance(error, errors.RegistrationError):
+        return EXIT_REFUSED
+    return EXIT_FAILURE
+
+
+def status_of_failure(rc: object, message: str) -> int:
+    """The exit status of a failed transfer, from its ReturnCode (push) or its sentence (get)."""
+    if str(rc) == "TIMEOUT" or "no reply from" in message or "no answer" in message:
+        return EXIT_TIMEOUT
+    if str(rc) == "COMMUNICATION_ERROR" or "not connected" in message:
+        return EXIT_UNREACHABLE
+    return EXIT_FAILURE
+
+
 def start_cell(name: str, broker_url: str, kit: "str | None" = None) -> "Cell":
     """Create, start and return a Cell; exit with a one-line error if that fails."""
-    from fedstream.common.errors import FedstreamError
     from fedstream.nodes.cell import Cell
 
     try:
-        return Cell(name, broker_url, kit=kit).start()
-    except (ValueError, FedstreamError) as exc:
-        fail(str(exc))
+        cell = Cell(name, broker_url, kit=kit)
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    return start_or_fail(cell)
+
+
+def start_or_fail(cell: "Cell") -> "Cell":
+    """Start `cell`, failing fast (exit 5) when no broker listens at its address."""
+    from fedstream.common.errors import FedstreamError
+
+    try:
+        return cell.start(connect_timeout=CONNECT_TIMEOUT)
+    except FedstreamError as exc:
+        fail(str(exc), exit_status(exc))
 
 
 verbose_option = click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")

@@ -11,6 +11,7 @@ from fedstream.common.constants import DEFAULT_CHUNK_TIMEOUT
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.cli.options import (
+    EXIT_USAGE,
     broker_option,
     cli_name,
     fail,
@@ -18,6 +19,7 @@ from fedstream.nodes.cli.options import (
     setup_logging,
     split_names,
     start_cell,
+    status_of_failure,
     verbose_option,
     wait_for_termination,
 )
@@ -61,7 +63,7 @@ def serve_command(files: tuple[str, ...], broker_url: str, name: Optional[str], 
             if not os.path.isfile(file):
                 raise ValueError(f"File {file!r} does not exist or is not a regular file.")
     except ValueError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE)
     cell = start_cell(cli_name(name, "serve", kit), broker_url, kit)
 
     stop = threading.Event()
@@ -164,7 +166,7 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
         except OSError as exc:
             raise ValueError(f"Cannot create the output directory {out_dir!r}: {exc.strerror}.") from None
     except ValueError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE)
     cell = start_cell(cli_name(name, "get", kit), broker_url, kit)
 
     bars: list[Progress] = []
@@ -190,5 +192,5 @@ def get_command(ref_id: str, owner: str, broker_url: str, name: Optional[str], o
             bars[0].close()
         cell.stop()
     if error is not None:
-        fail(error, 130 if interrupted else 1)
+        fail(error, 130 if interrupted else status_of_failure(None, error))
     click.echo(path)

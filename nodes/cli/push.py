@@ -9,6 +9,7 @@ import click
 from fedstream.common.constants import DEFAULT_CHANNEL, DEFAULT_CHUNK_TIMEOUT, DEFAULT_PUSH_TOPIC
 from fedstream.common.sizes import format_size, parse_size
 from fedstream.nodes.cli.options import (
+    EXIT_USAGE,
     broker_option,
     cli_name,
     fail,
@@ -16,6 +17,7 @@ from fedstream.nodes.cli.options import (
     setup_logging,
     split_names,
     start_cell,
+    status_of_failure,
     verbose_option,
 )
 
@@ -53,7 +55,7 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
         size = parse_size(chunk_size)
         check_push_args(DEFAULT_CHANNEL, DEFAULT_PUSH_TOPIC, None, target_list, file, size, chunk_timeout)
     except ValueError as exc:
-        fail(str(exc))
+        fail(str(exc), EXIT_USAGE)
     cell = start_cell(cli_name(name, "push", kit), broker_url, kit)
     try:
         total = os.path.getsize(file)
@@ -75,7 +77,7 @@ def push_command(file: str, targets: str, broker_url: str, name: Optional[str], 
     finally:
         cell.stop()
     if not result.ok:
-        fail(f"push of {file} failed ({result.rc}): {result.error}.")
+        fail(f"push of {file} failed ({result.rc}): {result.error}.", status_of_failure(result.rc, result.error))
     seconds = max(result.seconds, 1e-6)
     click.echo(f"pushed {file} to {','.join(target_list)} ({format_size(result.size)}, {result.seconds:.2f} s, "
                f"{result.size / seconds / 1e6:.0f} MB/s)")

@@ -33,7 +33,7 @@ from fedstream.common import digest as digests
 from fedstream.common import e2e
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.kits import Kit
 from fedstream.common.signal import Signal
@@ -464,6 +464,7 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if not isinstance(cell, Cell):
         raise ValueError(f"download_file needs a Cell, got {type(cell).__name__}.")
     location = check_dest_dir(location, "location")
+    remove_stale_parts(location)  # what a killed recipient left behind (locked ones are in use)
     if not isinstance(secure, bool):
         raise ValueError(f"secure must be True or False, got {secure!r}.")
     kit = e2e.require_kit(cell.kit) if secure else None

@@ -41,7 +41,7 @@ import zmq
 from fedstream.common import digest as digests
 from fedstream.common import e2e
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, sanitize_name
+from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts, sanitize_name
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.context import FLContext
@@ -207,6 +207,9 @@ class _Stream:
     def _run(self) -> None:
         try:
             self._receive()
+        except OSError as exc:  # the disk is full or gone: one sentence naming the directory, no traceback
+            if self.end(ReturnCode.ERROR, f"cannot write to {self.reg.dest_dir}: {exc.strerror or exc}"):
+                log.warning("stream %s failed: cannot write to %s: %s", self.sid, self.reg.dest_dir, exc.strerror)
         except Exception as exc:
             if self.end(ReturnCode.ERROR, f"{type(exc).__name__}: {exc}"):
                 log.exception("stream %s failed", self.sid)
@@ -490,6 +493,7 @@ class ReceiverSide:
         return self._service.cell
 
     def register(self, reg: _Registration) -> None:
+        remove_stale_parts(reg.dest_dir)  # what a killed receiver left behind
         self.cell.register_request_cb(reg.channel, reg.topic, functools.partial(self._on_start, reg))
 
     def forget(self, sid: str, committed: bool = False) -> None:
@@ -584,8 +588,7 @@ class ReceiverSide:
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
         free = shutil.disk_usage(reg.dest_dir).free
         if free < info["size"]:
-            raise ValueError(f"'{cell_name}' has only {free} bytes free in its destination directory, "
-                             f"{info['size']} needed")
+            raise ValueError(f"'{cell_name}' has only {free} bytes free in {reg.dest_dir}, {info['size']} needed")
         while True:
             path = os.path.join(reg.dest_dir, f".fedstream-{info['sid']}-{secrets.token_hex(4)}.part")
             try:
