@@ -130,7 +130,8 @@ def decode_b64(value: object, what: str, length: Optional[int] = None) -> bytes:
 
 
 def _subkey(pairwise: bytes, label: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=_INFO + b"use\x00" + label).derive(pairwise)
+    kdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=_INFO + b"use\x00" + label)
+    return kdf.derive(pairwise)
 
 
 def wrap_key(pairwise: bytes, data_key: bytes, context: bytes = b"") -> bytes:

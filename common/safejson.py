@@ -106,7 +106,8 @@ def decode(data: "bytes | bytearray | memoryview", max_bytes: int, max_depth: in
     if nests_deeper_than(text, max_depth):
         raise JsonLimitError(f"JSON nests deeper than {max_depth} levels")
     try:
-        value = json.loads(text, parse_int=_int_parser(max_int_digits), parse_float=_parse_float, parse_constant=_parse_constant)
+        value = json.loads(text, parse_int=_int_parser(max_int_digits), parse_float=_parse_float,
+                           parse_constant=_parse_constant)
     except JsonLimitError:
         raise
     except (ValueError, RecursionError, MemoryError, TypeError) as exc:

@@ -315,7 +315,8 @@ class ObjectDownloader:
 def add_file(downloader: ObjectDownloader, file_name: str, chunk_size: Optional[int] = None,
              ref_id: Optional[str] = None, file_downloaded_cb: Optional[Callable[..., Any]] = None,
              **cb_kwargs: Any) -> str:
-    """NVFlare's module-level `add_file(downloader, file_name, chunk_size=None, ref_id=None, file_downloaded_cb=None)`."""
+    """NVFlare's module-level `add_file(downloader, file_name, chunk_size=None, ref_id=None,
+    file_downloaded_cb=None)`."""
     if not isinstance(downloader, ObjectDownloader):
         raise ValueError(f"add_file needs an ObjectDownloader, got {type(downloader).__name__}.")
     return downloader.add_file(file_name, file_downloaded_cb, chunk_size=chunk_size, ref_id=ref_id, **cb_kwargs)

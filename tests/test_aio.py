@@ -5,7 +5,6 @@ cells are real (LocalFederation on free loopback ports).
 """
 
 import asyncio
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from fedstream.common import RemoteError, RequestTimeout, ReturnCode, Signal, UnreachableError
 from fedstream.nodes import FileDownloader, FileStreamer, FLContext, LocalFederation, aio
+from fedstream.nodes.simulate.files import make_file, sha256_of
 from tests.procs import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,17 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 def fed():
     with LocalFederation(sites=["site-1"]) as federation:
         yield federation
-
-
-def _file(path, size: int) -> str:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 async def _ticker(counter: list) -> None:
@@ -165,7 +154,7 @@ def test_register_outside_a_loop_needs_loop():
 
 def test_download_file_awaits_without_blocking_the_loop(fed, tmp_path):
     source = tmp_path / "model.bin"
-    digest = _file(source, 3 << 20)
+    digest = make_file(str(source), 3 << 20)
     tx = FileDownloader.new_transaction(fed.server, 10, None)
     rid = FileDownloader.add_file(tx, str(source))
     out = tmp_path / "out"
@@ -183,13 +172,13 @@ def test_download_file_awaits_without_blocking_the_loop(fed, tmp_path):
 
     (error, path), ticks = asyncio.run(main())
     FileDownloader.delete_transaction(tx)
-    assert error is None and _sha(path) == digest
+    assert error is None and sha256_of(path) == digest
     assert ticks >= 1
 
 
 def test_cancelling_a_download_aborts_it_and_leaves_no_file(fed, tmp_path):
     source = tmp_path / "big.bin"
-    _file(source, 4 << 20)
+    make_file(str(source), 4 << 20)
     tx = FileDownloader.new_transaction(fed.server, 10, None)
     rid = FileDownloader.add_file(tx, str(source))
     out = tmp_path / "out"
@@ -219,7 +208,7 @@ def test_cancelling_a_download_aborts_it_and_leaves_no_file(fed, tmp_path):
 
 def test_stream_file_and_objects(fed, tmp_path):
     source = tmp_path / "weights.bin"
-    digest = _file(source, 2 << 20)
+    digest = make_file(str(source), 2 << 20)
     dest = tmp_path / "dest"
     dest.mkdir()
     site_ctx = FLContext(fed.sites["site-1"])
@@ -249,7 +238,7 @@ def test_stream_file_and_objects(fed, tmp_path):
     pushed, pushed_obj, pulled = asyncio.run(main())
     FileDownloader.delete_transaction(tx)
     assert pushed == (ReturnCode.OK, True) and pushed_obj == (ReturnCode.OK, True)
-    assert done.wait(5) and _sha(received["path"]) == digest
+    assert done.wait(5) and sha256_of(received["path"]) == digest
     assert object_done.wait(5) and received["object"] == {"k": "v"}
     assert pulled == (None, {"round": 3, "weights": [1.5, 2.5]})
 

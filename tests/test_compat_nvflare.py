@@ -1,7 +1,5 @@
 """fedstream.nodes.nvflare: NVFlare-style code (tests/helpers/nvflare_sample.py) on a real federation."""
 
-import hashlib
-import os
 import threading
 import time
 
@@ -20,6 +18,7 @@ from fedstream.nodes.nvflare import (
     add_file,
     download_object,
 )
+from fedstream.nodes.simulate.files import make_file, sha256_of
 from tests.helpers.nvflare_sample import ModelReceiver, ModelSharer, download_succeeded
 from tests.test_aio import run_readme_example
 
@@ -33,17 +32,6 @@ def fed():
         yield federation
 
 
-def _file(path, size: int) -> str:
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _wait_for(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,14 +43,14 @@ def _wait_for(predicate, timeout: float = 10.0) -> bool:
 
 def test_an_nvflare_style_download_to_every_site(fed, tmp_path):
     model = tmp_path / "model.bin"
-    digest = _file(model, 3 << 20)
+    digest = make_file(str(model), 3 << 20)
     sharer = ModelSharer()
     (rid,) = sharer.share(FLContext(fed.server), [str(model)], SITES)
     for site in SITES:
         out = tmp_path / site
         out.mkdir()
         err, path = ModelReceiver().download(FLContext(fed.sites[site]), "server", rid, str(out))
-        assert err is None and _sha(path) == digest
+        assert err is None and sha256_of(path) == digest
     assert sharer.all_done.wait(10)
     assert _wait_for(lambda: len(sharer.downloaded) == 3)
     assert sorted(sharer.downloaded) == sorted([("site-1", "success", str(model), 3),
@@ -77,7 +65,7 @@ def test_an_nvflare_style_download_to_every_site(fed, tmp_path):
 
 def test_an_nvflare_style_push_with_the_three_argument_chunk_callback(fed, tmp_path):
     source = tmp_path / "weights.bin"
-    digest = _file(source, (1 << 20) + 1000)
+    digest = make_file(str(source), (1 << 20) + 1000)
     dest = tmp_path / "dest"
     dest.mkdir()
     receiver = ModelReceiver()
@@ -85,7 +73,7 @@ def test_an_nvflare_style_push_with_the_three_argument_chunk_callback(fed, tmp_p
     assert ModelSharer().push(FLContext(fed.server), str(source), ["site-1"])
     assert receiver.stream_done.wait(10)
     (location, rc, round_, channel, topic), = receiver.received
-    assert _sha(location) == digest
+    assert sha256_of(location) == digest
     assert (rc, round_, channel, topic) == (ReturnCode.OK, 3, "model_sharing", "global_model")
     assert len(receiver.chunks) == 5  # 1 MiB + 1000 bytes in 256 KiB chunks
     assert set(receiver.chunks) == {(ReturnCode.OK, "model_sharing", "global_model", "site")}
@@ -93,7 +81,7 @@ def test_an_nvflare_style_push_with_the_three_argument_chunk_callback(fed, tmp_p
 
 def test_fedstreams_own_two_argument_chunk_callback_still_works(fed, tmp_path):
     source = tmp_path / "w.bin"
-    _file(source, 600 << 10)
+    make_file(str(source), 600 << 10)
     seen, done = [], threading.Event()
     FileStreamer.register_stream_processing(FLContext(fed.sites["site-1"]), "app", "f", dest_dir=str(tmp_path),
                                             stream_done_cb=lambda ctx, fl_ctx, tag: done.set(),
@@ -106,7 +94,7 @@ def test_fedstreams_own_two_argument_chunk_callback_still_works(fed, tmp_path):
 
 def test_timeout_and_delete_end_a_transaction_once(fed, tmp_path):
     model = tmp_path / "m.bin"
-    _file(model, 1000)
+    make_file(str(model), 1000)
     events = []
     downloader = ObjectDownloader(fed.server, 0.5, 2,
                                   timeout_cb=lambda tx_id, names, tag: events.append(("timeout", names, tag)),
@@ -139,7 +127,7 @@ def test_objects_by_download_report_like_files(fed):
 
 def test_seed_style_arguments_fail_clearly_or_mean_the_default(fed, tmp_path):
     model = tmp_path / "m.bin"
-    _file(model, 1000)
+    make_file(str(model), 1000)
     downloader = ObjectDownloader(fed.server, 10, 1)
     with pytest.raises(ValueError, match="ref_id cannot be chosen"):
         add_file(downloader, str(model), ref_id="mine")

@@ -123,7 +123,8 @@ def _accept_push(lurker: zmq.Socket, timeout: float) -> str:
         payload = proto.decode_json(frames[3], limit=proto.MAX_JSON_PAYLOAD)
         if isinstance(payload, dict) and "sid" in payload:
             meta = proto.decode_object(frames[2])
-            answer = {"k": "rep", "id": meta["id"], "ch": meta["ch"], "tp": meta["tp"], "pt": "n", "h": {"sid": payload["sid"]}}
+            answer = {"k": "rep", "id": meta["id"], "ch": meta["ch"], "tp": meta["tp"], "pt": "n",
+                      "h": {"sid": payload["sid"]}}
             lurker.send_multipart([proto.SEND, frames[1], proto.encode_json(answer)])
             return payload["sid"]
     raise AssertionError("no push start request reached the lurker")

@@ -115,7 +115,8 @@ def test_a_third_node_cannot_steer_a_push(tmp_path):
         finally:
             forger.close()
         assert (result.rc, result.ok) == (ReturnCode.OK, True), result.error
-        assert PushService.for_cell(server).side(OwnerSide).ignored >= 3  # ack, fail, repair (and any forged reply that hit)
+        # ack, fail, repair (and any forged reply that hit)
+        assert PushService.for_cell(server).side(OwnerSide).ignored >= 3
         for cell in (site1, site2):
             assert PushService.for_cell(cell).side(ReceiverSide).ignored >= 4
         wait_until(lambda: len(outcomes) == 2, 10)

@@ -15,6 +15,7 @@ from fedstream.nodes.push import wire
 from fedstream.nodes.push.receiver import ReceiverTuning, set_receiver_tuning
 from fedstream.nodes.push.seal import KEY_BYTES, PREFIX_BYTES, TAG_BYTES, Sealer, StreamKey, sealed_length
 from fedstream.nodes.push.sender import send_file
+from tests.fanout import FanoutTap, shares_a_window
 from tests.procs import wait_until
 from tests.push_support import CHANNEL, TOPIC, make_file, sha256_of
 
@@ -74,45 +75,6 @@ def test_malformed_stream_keys_are_refused(bad):
 
 
 # -- on a federation ----------------------------------------------------------------------------
-class Tap:
-    """A raw SUB on the broker's fan-out, never registered, subscribed to one topic (default: everything)."""
-
-    def __init__(self, context: zmq.Context, address: str, topic: bytes = b"") -> None:
-        self.frames: list[list[bytes]] = []
-        self.sock = context.socket(zmq.SUB)
-        self.sock.linger = 0
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sock.connect(address)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.sock.poll(20):
-                self.frames.append(self.sock.recv_multipart())
-
-    def chunks(self) -> list[list[bytes]]:
-        return [f for f in self.frames if len(f) == 3 and wire.decode_header(f[1]) is not None
-                and wire.decode_header(f[1])[0] == wire.KIND_CHUNK]
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close(linger=0)
-
-
-def shares_a_window(file_bytes: bytes, captured: list[bytes], window: int = 64) -> bool:
-    """Whether any `window`-byte run of the file appears in the captured data.
-
-    Any such run contains a whole block of window/2 bytes aligned in the file, so it is enough
-    to look for those blocks at every offset of the captured data.
-    """
-    half = window // 2
-    blocks = {file_bytes[i:i + half] for i in range(0, len(file_bytes) - half + 1, half)}
-    return any(data[i:i + half] in blocks for data in captured for i in range(len(data) - half + 1))
-
-
 KNOWN_SID = "eavesdroppedsid0"
 
 
@@ -133,8 +95,8 @@ def test_an_eavesdropper_on_the_fan_out_learns_nothing_of_the_file(tmp_path, kno
             Cell("site-1", broker.address) as site:
         FileStreamer.register_stream_processing(FLContext(site), CHANNEL, TOPIC, dest_dir=str(dest),
                                                 stream_done_cb=lambda ctx, fl_ctx: done.append(dict(ctx)))
-        tap = Tap(server.context, server.fanout_endpoints[1], known_stream_id)
-        everything = Tap(server.context, server.fanout_endpoints[1])
+        tap = FanoutTap(server.context, server.fanout_endpoints[1], known_stream_id)
+        everything = FanoutTap(server.context, server.fanout_endpoints[1])
         try:
             time.sleep(0.3)  # let the tap's subscription reach the broker (it is a slow joiner too)
             assert send_file(server, CHANNEL, TOPIC, {}, ["site-1"], str(src), chunk_size=64 * KIB).ok
@@ -164,7 +126,7 @@ def test_a_tampered_chunk_on_the_fan_out_is_rejected_and_repaired(tmp_path, know
         FileStreamer.register_stream_processing(FLContext(late), CHANNEL, TOPIC, dest_dir=str(dest),
                                                 stream_done_cb=lambda ctx, fl_ctx: done.append(dict(ctx)))
         xsub_address, xpub_address = server.fanout_endpoints
-        tap = Tap(server.context, xpub_address, known_stream_id)
+        tap = FanoutTap(server.context, xpub_address, known_stream_id)
         publisher = server.context.socket(zmq.PUB)
         publisher.linger = 0
         publisher.connect(xsub_address)

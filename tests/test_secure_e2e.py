@@ -8,11 +8,9 @@ them, as a compromised broker relaying another node's certificate would.
 """
 
 import os
-import threading
 import time
 
 import pytest
-import zmq
 
 from fedstream.broker import Broker
 from fedstream.common.kits import load_kit, provision
@@ -26,6 +24,7 @@ from fedstream.nodes.push import wire
 from fedstream.nodes.push.receiver import ReceiverTuning, set_receiver_tuning
 from fedstream.nodes.push.sender import send_file
 from fedstream.nodes.push.stream_context import StreamContext
+from tests.fanout import FanoutTap, shares_a_window
 from tests.procs import wait_until
 from tests.push_support import CHANNEL, TOPIC, make_file, sha256_of
 
@@ -61,37 +60,6 @@ def known_stream_id(monkeypatch):
     return KNOWN_SID.encode()
 
 
-def shares_a_window(file_bytes: bytes, captured: list, window: int = 64) -> bool:
-    """Whether any `window`-byte run of the file appears in the captured data (see test_push_seal)."""
-    half = window // 2
-    blocks = {file_bytes[i:i + half] for i in range(0, len(file_bytes) - half + 1, half)}
-    return any(bytes(data[i:i + half]) in blocks for data in captured for i in range(len(data) - half + 1))
-
-
-class Tap:
-    """A SUB on the broker's fan-out with an insider's CURVE key, subscribed to one stream id."""
-
-    def __init__(self, cell: Cell, topic: bytes) -> None:
-        self.frames: list[list[bytes]] = []
-        self.sock = cell.secure_socket(cell.context.socket(zmq.SUB))
-        self.sock.linger = 0
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sock.connect(cell.fanout_endpoints[1])
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.sock.poll(20):
-                self.frames.append(self.sock.recv_multipart())
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-        self.sock.close(linger=0)
-
-
 def record_replies(cell: Cell, monkeypatch) -> list:
     """Record the payload of every reply `cell` gets to its requests (what came over the ROUTER path)."""
     seen: list = []
@@ -123,7 +91,8 @@ def test_secure_push_to_two_targets_leaves_nothing_readable_on_the_wire(fed, tmp
     done = {name: register(fed[name], tmp_path / name) for name in ("site-1", "site-2")}
     set_receiver_tuning(fed["site-2"], ReceiverTuning(subscribe_delay=1.5))  # site-2 gets chunks by repair
     routed = record_replies(fed["site-2"], monkeypatch)
-    tap = Tap(fed["site-1"], known_stream_id)  # an insider with a valid CURVE key, listening to the stream
+    insider = fed["site-1"]  # an insider with a valid CURVE key, listening to the stream
+    tap = FanoutTap(insider.context, insider.fanout_endpoints[1], known_stream_id, insider.secure_socket)
     try:
         time.sleep(0.3)  # the tap's subscription reaches the broker
         rc, ok = FileStreamer.stream_file(CHANNEL, TOPIC, {"round": 7}, ["site-1", "site-2"], str(src),
