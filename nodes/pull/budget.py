@@ -10,7 +10,7 @@ Socket-free: the owner's I/O code says when a reply left (it watches the frame's
 from typing import Optional
 
 PER_REQUESTER_BYTES = 16 << 20  # the broker's per-peer bound; download_file keeps at most 12 MiB in flight
-TOTAL_BYTES = 32 << 20  # every requester together (4 default windows): the owner stays below 100 MiB
+TOTAL_BYTES = 24 << 20  # every requester together: the owner stays well below 100 MiB, even with 40 recipients
 PER_REQUESTER_REPLIES = 128  # replies in flight per requester, however small
 
 

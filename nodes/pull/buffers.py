@@ -9,7 +9,7 @@ flight (bounded by the ReplyBudget) instead of what the allocator happens to kee
 import threading
 
 SMALLEST = 64 << 10
-IDLE_LIMIT = 8 << 20
+IDLE_LIMIT = 4 << 20
 
 
 def buffer_size(length: int) -> int:
