@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission, ZapAuthenticator
+from fedstream.broker.memory import IdleTrim, release_free_memory
 from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
@@ -50,6 +51,9 @@ _ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest bac
 _PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
 _STUCK_PEER = 15.0  # seconds a node may leave a large message unread before the broker drops it
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
+_TRIM_AFTER = 16 << 20  # bytes received after which an idle broker hands freed heap pages back
+_TRIM_QUIET = 1.0  # seconds without traffic before that happens (never during a transfer); then again each second
+_TRIM_FOLLOW = 10.0  # ... for this long (peers that disconnect after a burst free more)
 
 
 def _reachable_host(host: str) -> str:
@@ -87,6 +91,7 @@ class Broker:
         self.stats: Counter = Counter()
         self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
         self._outflow = OutFlow(_PEER_BYTES)
+        self._trim = IdleTrim(_TRIM_AFTER, _TRIM_QUIET, _TRIM_FOLLOW)
         self._router: Optional[zmq.Socket] = None
         self._xsub: Optional[zmq.Socket] = None
         self._xpub: Optional[zmq.Socket] = None
@@ -269,18 +274,23 @@ class Broker:
         next_sweep = monotonic() + _SWEEP_INTERVAL
         while not self._stop.is_set():
             if poller.poll(_POLL_MS):
+                received = 0
                 for _ in range(_DRAIN_BATCH):
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
+                    received += sum(len(frame) for frame in frames)
                     try:
                         self._handle(frames)
                     except Exception as exc:  # one message must never stop the routing
                         self._failed(frames, exc)
+                self._trim.received(received, monotonic())
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
+                if self._trim.due(now) and release_free_memory():
+                    self.stats["memory_released"] += 1
                 for identity in self._outflow.sweep(now, _STUCK_PEER):
                     entry = self.registry.remove_identity(identity)
                     if entry is not None:

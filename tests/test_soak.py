@@ -4,7 +4,11 @@ flooded with garbage, leave descriptors, threads and memory where they were."""
 import os
 
 import pytest
+import zmq
 
+from fedstream.common import protocol as proto
+from fedstream.nodes import Cell, Reply
+from tests.helpers.soak_garbage import garbage_messages
 from tests.procs import wait_until
 from tests.push_support import make_file, next_done, run_helper, sha256_of, start_receiver
 
@@ -79,3 +83,70 @@ def test_fifty_back_to_back_pushes_leak_no_descriptors_threads_or_memory(procs, 
     for role in pids:
         assert _within(start[role], end[role]), _show(role, start[role], end[role])
     assert os.listdir(dest) == []  # every file arrived under its name and was removed; no .part left
+
+
+GARBAGE = 50_000
+FLOODERS = 100
+RESTING_SLACK = 15 * MiB
+
+
+def _rss(pid: int) -> int:
+    return _status(pid, "VmRSS") * 1024
+
+
+END_OF_FLOOD = b"end-of-flood"
+
+
+def _wait_end_of_flood(sock: zmq.Socket) -> None:
+    """Read a flooder's answers until the broker answered its last message (a SEND to END_OF_FLOOD)."""
+    def answered() -> bool:
+        while sock.poll(100):
+            if END_OF_FLOOD in sock.recv_multipart():
+                return True
+        return False
+
+    wait_until(answered, 30)
+
+
+@pytest.mark.timeout(90)
+def test_the_broker_returns_to_its_resting_size_after_a_garbage_flood(procs, tmp_path):
+    broker, address = procs.broker()
+    ctx = zmq.Context()
+    try:
+        with Cell("site-1", address) as site, Cell("asker", address) as asker:
+            site.register_request_cb("test", "ping", lambda message: Reply(headers={"pong": message.headers["n"]}))
+            assert asker.request("test", "ping", "site-1", headers={"n": 0}, timeout=10).headers == {"pong": 0}
+            resting = _rss(broker.pid)
+            flooders = []
+            for _ in range(FLOODERS):  # many connections: each one a garbage identity of its own
+                sock = ctx.socket(zmq.DEALER)
+                sock.linger = 0
+                sock.sndhwm = GARBAGE
+                sock.connect(address)
+                flooders.append(sock)
+            for i, frames in enumerate(garbage_messages(13, GARBAGE)):
+                flooders[i % FLOODERS].send_multipart(frames)
+                if i % 500 == 0:  # read the answers now and then, as a careless client would
+                    for sock in flooders:
+                        while sock.poll(0):
+                            sock.recv_multipart()
+            # everything a flooder sent has been handled once the broker answers its last message
+            for sock in flooders:
+                sock.send_multipart([proto.SEND, END_OF_FLOOD, b"{}", b""])
+            for sock in flooders:
+                _wait_end_of_flood(sock)
+            flooded = _rss(broker.pid)
+            for sock in flooders:
+                sock.close()
+            try:  # the flood has stopped: the broker settles back within a few seconds
+                wait_until(lambda: _rss(broker.pid) <= resting + RESTING_SLACK, 10, interval=0.2)
+            except AssertionError:
+                pass  # the assertion below says by how much it stayed above
+            settled = _rss(broker.pid)
+            print(f"broker RSS: resting {resting / MiB:.1f} MiB, after the flood {flooded / MiB:.1f} MiB, "
+                  f"settled {settled / MiB:.1f} MiB")
+            assert settled <= resting + RESTING_SLACK, f"{settled / MiB:.1f} MiB vs resting {resting / MiB:.1f}"
+            assert asker.request("test", "ping", "site-1", headers={"n": 1}, timeout=10).headers == {"pong": 1}
+    finally:
+        ctx.destroy(linger=0)
+    assert broker.popen.poll() is None, broker.stderr[-2000:]
