@@ -16,7 +16,9 @@ answer to the sender. Hostile input cannot stop it:
   the streams it follows: the fan-out applies only subscriptions to a whole stream id,
   so nobody receives every stream (or streams whose random id it was not told); a node
   that leaves a large message unread for `_STUCK_PEER` seconds is dropped from the registry
-  (it is told "not registered" on its next message and may register again).
+  (it is told "not registered" on its next message and may register again);
+- after a burst of traffic (a flood of garbage included) the heap pages it freed go back to
+  the operating system, so the broker returns to its resting size (`broker/memory.py`).
 """
 
 import logging

@@ -2,7 +2,8 @@
 
 Each message is one of: random bytes (small frames), a wrong two-byte command (now and then with one
 large random frame of up to 1 MiB, the kind libzmq must buffer whole), a SEND whose meta is malformed
-JSON (now and then with a large payload), a REGISTER with a malformed hello, or a SEND to a random FQCN from an unregistered peer.
+JSON (now and then with a large payload), a REGISTER with a malformed hello, or a SEND to a random
+FQCN from an unregistered peer.
 """
 
 import os
