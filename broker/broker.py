@@ -16,7 +16,9 @@ answer to the sender. Hostile input cannot stop it:
   the streams it follows: the fan-out applies only subscriptions to a whole stream id,
   so nobody receives every stream (or streams whose random id it was not told); a node
   that leaves a large message unread for `_STUCK_PEER` seconds is dropped from the registry
-  (it is told "not registered" on its next message and may register again).
+  (it is told "not registered" on its next message and may register again);
+- after a burst of traffic (a flood of garbage included) the heap pages it freed go back to
+  the operating system, so the broker returns to its resting size (`broker/memory.py`).
 """
 
 import logging
@@ -29,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from fedstream.broker.auth import FANOUT_DOMAIN, ROUTER_DOMAIN, Admission, ZapAuthenticator
+from fedstream.broker.memory import IdleTrim, release_free_memory
 from fedstream.broker.outflow import TRACK_MIN, OutFlow
 from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
@@ -50,6 +53,9 @@ _ROUTER_RCVHWM = 32  # messages read ahead from one peer; TCP holds the rest bac
 _PEER_BYTES = 16 << 20  # bytes of large messages queued per peer (or one message of any size)
 _STUCK_PEER = 15.0  # seconds a node may leave a large message unread before the broker drops it
 _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbehaving peer
+_TRIM_AFTER = 16 << 20  # bytes received after which an idle broker hands freed heap pages back
+_TRIM_QUIET = 1.0  # seconds without traffic before that happens (never during a transfer); then again each second
+_TRIM_FOLLOW = 10.0  # ... for this long (peers that disconnect after a burst free more)
 
 
 # (label in messages, CLI option, keyword) of the three bound endpoints
@@ -109,6 +115,7 @@ class Broker:
         self.stats: Counter = Counter()
         self._peer_errors = PeerErrors(_ERROR_LOG_INTERVAL)
         self._outflow = OutFlow(_PEER_BYTES)
+        self._trim = IdleTrim(_TRIM_AFTER, _TRIM_QUIET, _TRIM_FOLLOW)
         self._router: Optional[zmq.Socket] = None
         self._xsub: Optional[zmq.Socket] = None
         self._xpub: Optional[zmq.Socket] = None
@@ -312,18 +319,23 @@ class Broker:
         next_sweep = monotonic() + _SWEEP_INTERVAL
         while not self._stop.is_set():
             if poller.poll(_POLL_MS):
+                received = 0
                 for _ in range(_DRAIN_BATCH):
                     try:
                         frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
+                    received += sum(len(frame) for frame in frames)
                     try:
                         self._handle(frames)
                     except Exception as exc:  # one message must never stop the routing
                         self._failed(frames, exc)
+                self._trim.received(received, monotonic())
             now = monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
+                if self._trim.due(now) and release_free_memory():
+                    self.stats["memory_released"] += 1
                 for identity in self._outflow.sweep(now, _STUCK_PEER):
                     entry = self.registry.remove_identity(identity)
                     if entry is not None:
