@@ -350,7 +350,7 @@ def test_the_state_modules_import_no_sockets_threads_clocks_or_files():
         assert not imported & forbidden, (name, imported & forbidden)
 
 
-def test_buffer_pool_reuses_power_of_two_buffers_within_its_idle_limit():
+def test_buffer_pool_reuses_power_of_two_buffers_while_lent_and_idle_stay_within_its_limit():
     from fedstream.nodes.pull.buffers import SMALLEST, BufferPool, buffer_size
 
     assert [buffer_size(n) for n in (1, SMALLEST, SMALLEST + 1, 1 << 20, (1 << 20) + 1)] == \
@@ -363,4 +363,8 @@ def test_buffer_pool_reuses_power_of_two_buffers_within_its_idle_limit():
     kept = [pool.take(1 << 20) for _ in range(4)]
     for buffer in kept:
         pool.give(buffer)
-    assert pool.idle() == 3 << 20  # the fourth was left to the allocator
+    assert pool.idle() == 2 << 20  # `first` is still lent: two of the four were left to the allocator
+    pool.give(first)
+    assert pool.idle() == 3 << 20
+    big = pool.take(2 << 20)  # a miss: idle buffers of other sizes make room for it
+    assert len(big) == 2 << 20 and pool.idle() == 1 << 20

@@ -281,6 +281,7 @@ class _Download:
                 self._send(request.offset, wire.TOPIC_CHUNK, self._headers(off=request.offset, len=request.length))
             if window.probe_due(now):
                 self._probe()
+            ready: list[int] = []
             for key, event, message, fatal in self._outcomes(window.deadline()):
                 if not window.wants(key):
                     continue
@@ -288,14 +289,19 @@ class _Download:
                     raise _Failed.of(fatal)
                 if message is not None:
                     held[key] = message
-                ready = window.handle(event, time.monotonic())
+                ready += window.handle(event, time.monotonic())
                 if isinstance(event, Replied):
                     self._forget(key)
-                for offset in ready:
-                    data = held.pop(offset).buffer
-                    _write_at(fd, data, offset)
-                    hasher.update(data)
-                    self._progress(offset + len(data), size)
+            if not ready:
+                continue
+            # Refill the window before writing: the owner reads and the broker forwards meanwhile.
+            for request in window.due(time.monotonic()):
+                self._send(request.offset, wire.TOPIC_CHUNK, self._headers(off=request.offset, len=request.length))
+            for offset in ready:
+                data = held.pop(offset).buffer
+                _write_at(fd, data, offset)
+                hasher.update(data)
+                self._progress(offset + len(data), size)
 
     def _progress(self, received: int, total: int) -> None:
         if self.progress_cb is not None:
