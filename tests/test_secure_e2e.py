@@ -183,6 +183,22 @@ def test_secure_pull_verifies_and_leaves_nothing_readable_on_the_wire(fed, tmp_p
     FileDownloader.delete_transaction(tx)
 
 
+def test_a_file_shared_for_secure_downloads_only_is_refused_to_plain_requests(fed, tmp_path):
+    src = tmp_path / "shared.bin"
+    sha = make_file(str(src), 200 * KIB)
+    tx = FileDownloader.new_transaction(fed["server"], 30, None)
+    ref = FileDownloader.add_file(tx, str(src), secure=True)
+    out = tmp_path / "out"
+    os.makedirs(out)
+    # what a compromised broker posing as a recipient would try: a plain request for a RID it saw
+    err, path = download_file("server", ref, 5, fed["site-2"], location=str(out))
+    assert path is None and "secure downloads only" in err
+    assert os.listdir(out) == []
+    err, path = download_file("server", ref, 5, fed["site-1"], location=str(out), secure=True)
+    assert err is None and sha256_of(path) == sha
+    FileDownloader.delete_transaction(tx)
+
+
 def test_secure_pull_refuses_impostors_and_owners_without_kits(fed, project, tmp_path):
     src = tmp_path / "shared.bin"
     make_file(str(src), 100 * KIB)

@@ -12,8 +12,8 @@
    a pooled buffer that becomes the reply frame, and releases the bytes and the buffer once the
    frame left the process (its tracker is done).
 4. A monitor thread ends transactions idle for their timeout; `FileDownloader.shutdown()` ends all.
-5. Every file serves plain and secure requests alike. A secure `open` (secure=True on the
-   recipient) makes a session in `SecureSessions` (nodes/pull/secure.py), which needs this
+5. A file serves plain and secure requests alike, or secure ones only when it was added with
+   secure=True. A secure `open` (secure=True on the recipient) makes a session in `SecureSessions` (nodes/pull/secure.py), which needs this
    cell's kit; the session's chunk replies are sealed, its digest and verdict too.
 
 Every failed request is answered with `Reply.failure(code, sentence)` (codes in wire.py).
@@ -109,9 +109,16 @@ class PullOwner:
             return self._transactions.get(tx_id)
 
     def add_file(self, tx: _Transaction, file_name: str, cb: Optional[Callable], cb_kwargs: dict,
-                 spool: bool = False) -> str:
-        """Share `file_name` in `tx`; a `spool` file belongs to the transaction and is removed when it ends."""
+                 spool: bool = False, secure: bool = False) -> str:
+        """Share `file_name` in `tx`; a `spool` file belongs to the transaction and is removed when it ends.
+
+        A `secure` file is served to secure downloads only.
+        """
+        if secure:
+            cell = self.cell_ref()
+            e2e.require_kit(cell.kit if cell is not None else None)
         shared = SharedFile(file_name, cb, cb_kwargs, self._open_files)
+        shared.secure_only = secure
         with self._lock:
             if tx.ended:
                 shared.close()
@@ -189,9 +196,15 @@ class PullOwner:
         return entry[1]
 
     def _session(self, msg: Message, shared: SharedFile) -> "Session | Reply | None":
-        """The secure session a request names, a failure if it names an unknown one, None for a plain request."""
+        """The secure session a request names, a failure if it names an unknown one, None for a plain request.
+
+        A plain request for a file shared with secure=True is a failure too.
+        """
         sid = msg.headers.get("e2e")
         if sid is None:
+            if shared.secure_only:
+                return Reply.failure(wire.ERR_SECURE, "this file is shared for secure downloads only: "
+                                                      "download it with secure=True")
             return None
         session = self._secure.find(msg.source, sid, shared.ref_id)
         if session is None:
@@ -394,15 +407,20 @@ class FileDownloader:
 
     @classmethod
     def add_file(cls, transaction_id: str, file_name: str, file_downloaded_cb: Optional[Callable] = None,
-                 *, chunk_size: Optional[int] = None, ref_id: Optional[str] = None, **cb_kwargs: Any) -> str:
+                 *, chunk_size: Optional[int] = None, ref_id: Optional[str] = None, secure: bool = False,
+                 **cb_kwargs: Any) -> str:
         """Share `file_name` in the transaction and return its reference id (RID).
 
         `file_downloaded_cb(ref_id, to_site, status, file_name, **cb_kwargs)` is called once per
         recipient, with DownloadStatus.SUCCESS or FAILED. `chunk_size` (NVFlare's owner-side
         option; None or 0 = default) is accepted for compatibility: each recipient chooses its
         own. `ref_id` cannot be chosen (RIDs are unguessable); passing one raises ValueError
-        rather than landing in `cb_kwargs`.
+        rather than landing in `cb_kwargs`. `secure=True` serves the file to secure downloads
+        only (`download_file(..., secure=True)`), so that not even a compromised broker posing
+        as a recipient gets it in clear; it needs a kit on this cell.
         """
+        if not isinstance(secure, bool):
+            raise ValueError(f"secure must be True or False, got {secure!r}.")
         if ref_id is not None:
             raise ValueError("ref_id cannot be chosen: fedstream makes every RID unguessable; use the one returned.")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -418,20 +436,22 @@ class FileDownloader:
             raise ValueError(f"File {file_name!r} does not exist or is not a regular file.")
         if file_downloaded_cb is not None and not callable(file_downloaded_cb):
             raise ValueError("file_downloaded_cb must be callable or None.")
-        return tx.owner.add_file(tx, file_name, file_downloaded_cb, cb_kwargs)
+        return tx.owner.add_file(tx, file_name, file_downloaded_cb, cb_kwargs, secure=secure)
 
     @classmethod
     def add_object(cls, transaction_id: str, obj: Any, file_downloaded_cb: Optional[Callable] = None,
-                   serializer: Optional[str] = None, **cb_kwargs: Any) -> str:
+                   serializer: Optional[str] = None, *, secure: bool = False, **cb_kwargs: Any) -> str:
         """Serialize `obj` once into a spool file owned by the transaction, share it, and return its RID.
 
         `serializer`: None (the safe container: plain values and numpy arrays, loaded without
         running code) or "cloudpickle" (recipients must pass allow_pickle=True). The spool file
         is removed when the transaction ends. `file_downloaded_cb` is called as for add_file.
         Raises ValueError for an unknown transaction, a bad argument, or a value the serializer
-        cannot carry (naming its key path).
+        cannot carry (naming its key path). `secure=True`: secure downloads only, as for add_file.
         """
         serializer = spool.check_serializer(serializer)
+        if not isinstance(secure, bool):
+            raise ValueError(f"secure must be True or False, got {secure!r}.")
         if file_downloaded_cb is not None and not callable(file_downloaded_cb):
             raise ValueError("file_downloaded_cb must be callable or None.")
         tx = _directory.transaction(transaction_id)
@@ -439,7 +459,7 @@ class FileDownloader:
             raise ValueError(f"Unknown transaction {transaction_id!r}: it does not exist or has ended.")
         path = spool.spool_object(obj, serializer)
         try:
-            ref_id = tx.owner.add_file(tx, path, file_downloaded_cb, cb_kwargs, spool=True)
+            ref_id = tx.owner.add_file(tx, path, file_downloaded_cb, cb_kwargs, spool=True, secure=secure)
         except BaseException:
             remove_quietly(path)
             raise

@@ -68,6 +68,7 @@ class SharedFile:
         self.name = os.path.basename(os.path.abspath(file_name))
         self.cb = cb
         self.cb_kwargs = cb_kwargs
+        self.secure_only = False  # served to secure downloads only (add_file(..., secure=True))
         try:
             fd = os.open(file_name, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
