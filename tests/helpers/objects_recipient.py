@@ -16,6 +16,7 @@ from tests.helpers import objects_payloads as payloads
 
 def main() -> None:
     broker, name, owner, allow_pickle = sys.argv[1:5]
+    print("BASE", payloads.peak_rss_bytes(), flush=True)  # the interpreter with numpy and pyzmq loaded
     with Cell(name, broker) as cell:
         for ref in sys.argv[5:]:
             error, obj = download_object(owner, ref, 10, cell, allow_pickle=allow_pickle == "true")
