@@ -77,7 +77,7 @@ def test_forged_replies_verdicts_and_errors_from_a_third_node_are_ignored(procs,
     out = tmp_path / "out"
     out.mkdir()
     with Cell("site-1", broker_address) as cell:
-        forger = run_helper(procs, "pull_forger", broker_address, "forger", "site-1", "5000", str(size), str(chunk))
+        forger = run_helper(procs, "pull_forger", broker_address, "forger", "site-1", "500", str(size), str(chunk))
         forger.expect("sweep")
 
         def sweeps(count):
