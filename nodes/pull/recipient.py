@@ -25,7 +25,9 @@ import os
 import queue
 import shutil
 import stat
+import threading
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Callable, Optional
 
@@ -483,6 +485,40 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
         raise ValueError("abort_signal must be a Signal or None.")
     if progress_cb is not None and not callable(progress_cb):
         raise ValueError("progress_cb must be callable or None.")
-    return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
-                     chunk_size, max(1, min(window, wire.MAX_IN_FLIGHT_BYTES // chunk_size)), progress_cb,
-                     keep_partial, kit).run()
+    share = _in_flight.reserve(cell, min(window * chunk_size, wire.MAX_IN_FLIGHT_BYTES), chunk_size)
+    try:
+        return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
+                         chunk_size, max(1, share // chunk_size), progress_cb, keep_partial, kit).run()
+    finally:
+        _in_flight.release(cell, share)
+
+
+class _InFlightShares:
+    """How many reply bytes the downloads of each Cell may have in flight, together.
+
+    Everything on its way to one cell waits in one broker queue, bounded at 16 MiB: several
+    downloads at once share MAX_IN_FLIGHT_BYTES instead of each taking it (a later one gets
+    what is left, at least one chunk), so the broker never has to drop their replies.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used: "weakref.WeakKeyDictionary[Cell, int]" = weakref.WeakKeyDictionary()
+
+    def reserve(self, cell: Cell, wanted: int, chunk_size: int) -> int:
+        with self._lock:
+            used = self._used.get(cell, 0)
+            share = max(chunk_size, min(wanted, wire.MAX_IN_FLIGHT_BYTES - used))
+            self._used[cell] = used + share
+            return share
+
+    def release(self, cell: Cell, share: int) -> None:
+        with self._lock:
+            left = self._used.get(cell, 0) - share
+            if left > 0:
+                self._used[cell] = left
+            else:
+                self._used.pop(cell, None)
+
+
+_in_flight = _InFlightShares()
