@@ -316,7 +316,8 @@ class Cell:
         for request in pending.values():
             if not request.future.done():
                 request.future.set_exception(CellError(f"Cell '{self.fqcn}' stopped."))
-        self._out_push.close(linger=0)
+        with self._send_lock:  # a pool thread may still be replying: never close under its send
+            self._out_push.close(linger=0)
         self._registered.clear()
         self._reg_answer.clear()
         self._handshake_failure = None
@@ -460,7 +461,9 @@ class Cell:
         if threading.current_thread() is self._thread:
             self._to_broker(frames)
             return
-        with self._send_lock:
+        with self._send_lock:  # the outbox socket is shared by sending threads and closed by stop()
+            if self._out_push.closed:
+                raise CellError(f"Cell '{self.fqcn}' stopped.")
             try:
                 self._out_push.send_multipart(frames, copy=False)
             except zmq.Again:
