@@ -80,8 +80,11 @@ class Proc:
 
     @staticmethod
     def _pump(stream, sink) -> None:
-        for line in stream:
-            sink(line.rstrip("\n"))
+        try:
+            for line in stream:
+                sink(line.rstrip("\n"))
+        except ValueError:  # the test's cleanup closed the pipe first
+            pass
 
     @property
     def pid(self) -> int:
