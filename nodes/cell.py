@@ -14,7 +14,8 @@ Threading rule (every change to this module follows it):
    that a request is answered "busy" at once) — never a new thread per message.
    `register_request_cb(..., inline=True)` runs a callback on the I/O thread for the few
    internal handlers that only record an event: such a callback must not block, wait or
-   touch the disk, or every message of the Cell waits with it.
+   touch the disk, or every message of the Cell waits with it; it may return `InPool(work)`
+   to have `work()` make the reply in the pool.
 3. **Any exception from one message is contained.** The I/O thread drops the message,
    counts it in `stats`, logs it at most once per peer per minute, and keeps serving.
 4. **`stop()` checks.** It joins the I/O thread with a timeout and logs an error if the
@@ -59,6 +60,7 @@ from fedstream.nodes.message import (
     KIND_ONE_WAY,
     KIND_REPLY,
     KIND_REQUEST,
+    InPool,
     Message,
     Meta,
     Reply,
@@ -723,7 +725,11 @@ class Cell:
         callback, inline = entry
         if inline:
             self._run_callback(callback, message, request_id)
-            return
+        else:
+            self._queue(callback, message, request_id)
+
+    def _queue(self, callback: RequestCallback, message: Message, request_id: int) -> None:
+        """Run `callback` in the pool, or answer "busy" when too many calls or bytes are waiting."""
         size = message.buffer.nbytes
         with self._queued_lock:
             full = (self._queued_calls >= _MAX_QUEUED_CALLBACKS
@@ -767,7 +773,9 @@ class Cell:
             if request_id:
                 self._reply(message, request_id, KIND_ERROR, f"handler failed: {type(exc).__name__}: {exc}")
             return
-        if request_id:
+        if isinstance(result, InPool):
+            self._queue(lambda _message: result.work(), message, request_id)
+        elif request_id:
             self._reply(message, request_id, KIND_REPLY, result)
 
     def _reply(self, message: Message, request_id: int, kind: str, result: Any) -> None:

@@ -9,7 +9,7 @@ the only code that turns payloads into frames and back; JSON payloads are bounde
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import zmq
 
@@ -48,6 +48,17 @@ class Reply:
     def failure(cls, code: str, message: str) -> "Reply":
         """A reply saying the request failed: a short machine code and a sentence for people."""
         return cls(None, {ERR_KEY: code, MSG_KEY: message})
+
+
+@dataclass
+class InPool:
+    """What an inline handler returns to finish its answer in the Cell's pool: `work()` makes the reply.
+
+    The inline part records what must happen in arrival order; `work` does what may block
+    (read the disk), under the same bound of waiting calls as any pool handler.
+    """
+
+    work: Callable[[], Any]
 
 
 def reply_error(headers: dict) -> Optional[tuple[str, str]]:

@@ -7,6 +7,7 @@ waited them out would fail on its pytest timeout, so no test measures time itsel
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -18,7 +19,7 @@ from tests.push_support import make_file
 
 pytestmark = pytest.mark.timeout(40)
 
-EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 2, 5, 6
+EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNREACHABLE, EXIT_REFUSED = 2, 4, 5, 6
 RID = "0123456789abcdef0123456789abcdef"
 
 
@@ -104,3 +105,23 @@ def test_peer_not_connected_exits_5(tmp_path):
                          cwd=str(tmp_path))
     assert got.returncode == EXIT_UNREACHABLE and "'nobody' is not connected" in one_line(got)
     assert pushed.returncode == EXIT_UNREACHABLE and "'ghost' is not connected" in one_line(pushed)
+
+
+def test_connected_peer_that_never_answers_exits_4(tmp_path):
+    """A peer the broker reaches but that keeps every request unanswered: get and push time out."""
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    released = threading.Event()
+    with Broker(bind="tcp://127.0.0.1:0") as broker, Cell("mute", broker.address, workers=16) as mute:
+        for channel in ("__fedstream_pull__", "__fedstream_push__", "fedstream"):  # "fedstream": push's CLI channel
+            mute.register_request_cb(channel, "*", lambda message: released.wait(30))
+        try:
+            got = run_cli("get", RID, "--from", "mute", "--broker", broker.address, "--timeout", "1",
+                          "-o", str(tmp_path / "out"), cwd=str(tmp_path))
+            pushed = run_cli("push", str(src), "--to", "mute", "--broker", broker.address, "--chunk-timeout", "1",
+                             cwd=str(tmp_path))
+        finally:
+            released.set()
+    assert got.returncode == EXIT_TIMEOUT and "no reply from the owner" in one_line(got)
+    assert pushed.returncode == EXIT_TIMEOUT and "'mute'" in one_line(pushed)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -7,14 +7,17 @@
    workers. Files are opened on demand through the owner's `OpenFiles` (a bounded set of
    descriptors), so a transaction may share thousands of files.
 3. Handlers: `open` and `done` answer from memory on the Cell's I/O thread (the verdict is posted
-   before any callback can run); `chunk` runs in the Cell's worker pool, reserves the reply's
-   bytes in a `ReplyBudget` (too many in flight to that requester: "busy"), reads straight into
-   a pooled buffer that becomes the reply frame, and releases the bytes and the buffer once the
-   frame left the process (its tracker is done).
+   before any callback can run); an `open` that asks for the `first` bytes of the file gets them
+   with its answer, read in the pool (one round trip less: a small file needs `open` and `done`
+   only). `chunk` runs in the Cell's worker pool, reserves the reply's bytes in a `ReplyBudget`
+   (too many in flight to that requester: "busy"), reads straight into a pooled buffer that
+   becomes the reply frame, and releases the bytes and the buffer once the frame left the
+   process (its tracker is done).
 4. A monitor thread ends transactions idle for their timeout; `FileDownloader.shutdown()` ends all.
 5. A file serves plain and secure requests alike, or secure ones only when it was added with
-   secure=True. A secure `open` (secure=True on the recipient) makes a session in `SecureSessions` (nodes/pull/secure.py), which needs this
-   cell's kit; the session's chunk replies are sealed, its digest and verdict too.
+   secure=True. A secure `open` (secure=True on the recipient) makes a session in
+   `SecureSessions` (nodes/pull/secure.py), which needs this cell's kit; the session's chunk
+   replies are sealed, its digest and verdict too.
 
 Every failed request is answered with `Reply.failure(code, sentence)` (codes in wire.py).
 """
@@ -35,7 +38,7 @@ from fedstream.common import e2e
 from fedstream.common.filenames import remove_quietly
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.cell import Cell
-from fedstream.nodes.message import Message, Reply
+from fedstream.nodes.message import InPool, Message, Reply, reply_error
 from fedstream.nodes.objects import spool
 from fedstream.nodes.per_cell import PerCell
 from fedstream.nodes.pull import wire
@@ -211,12 +214,18 @@ class PullOwner:
             return Reply.failure(wire.ERR_SECURE, "unknown secure session: open the download again")
         return session
 
-    def _serve_open(self, msg: Message) -> Reply:
+    def _serve_open(self, msg: Message) -> "Reply | InPool":
+        """Runs on the I/O thread (a recipient's start is recorded in order with its `done`).
+
+        A request asking for its `first` bytes gets them as the answer's payload, read in the pool;
+        an owner without room for them in its budget answers without.
+        """
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
             return shared
         meta = {"name": shared.name, "size": shared.size, "alg": digests.ALGORITHM}
         offer = msg.headers.get("e2e")
+        session: "Session | Reply | None"
         if isinstance(offer, dict):  # a secure download begins (or its open is sent again)
             cell = self.cell_ref()
             try:
@@ -225,13 +234,24 @@ class PullOwner:
             except e2e.E2EError as exc:
                 log.warning("refused a secure download of %s by '%s': %s", shared.ref_id, msg.source, exc)
                 return Reply.failure(wire.ERR_SECURE, str(exc))
-            shared.begin(msg.source)
-            return Reply(None, dict(session.answer))
-        session = self._session(msg, shared)  # a secure download's presence probe names its session
-        if isinstance(session, Reply):
-            return session
+        else:
+            session = self._session(msg, shared)  # a secure download's presence probe names its session
+            if isinstance(session, Reply):
+                return session
         shared.begin(msg.source)
-        return Reply(None, dict(session.answer) if session is not None else meta)
+        answer = dict(session.answer) if session is not None else meta
+        first = msg.headers.get("first")
+        if type(first) is not int or not 0 < first <= wire.MAX_CHUNK_LENGTH or not shared.size:
+            return Reply(None, answer)
+
+        def with_first_bytes() -> Reply:
+            data = self._chunk_reply(msg.source, shared, session, 0, first)
+            if isinstance(data, Reply):
+                failed = reply_error(data.headers)
+                return Reply(None, answer) if failed and failed[0] == wire.ERR_BUSY else data
+            return Reply(data, answer)
+
+        return InPool(with_first_bytes)
 
     def _serve_chunk(self, msg: Message) -> "zmq.Frame | bytes | Reply":
         shared = self._lookup(msg.headers)
@@ -245,9 +265,14 @@ class PullOwner:
                 or not 0 < length <= wire.MAX_CHUNK_LENGTH:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad chunk request: offset {offset!r}, length {length!r} "
                                                       f"(at most {wire.MAX_CHUNK_LENGTH} bytes)")
+        return self._chunk_reply(msg.source, shared, session, offset, length)
+
+    def _chunk_reply(self, requester: str, shared: SharedFile, session: Optional[Session], offset: int,
+                     length: int) -> "zmq.Frame | bytes | Reply":
+        """Bytes [offset, offset+length) of `shared` (clipped to its size, sealed for a session) within the budget."""
         length = max(0, min(length, shared.size - offset))
         extra = e2e.TAG_BYTES if session is not None else 0
-        token = self._reserve(msg.source, (buffer_size(length) if length else 0) + extra)
+        token = self._reserve(requester, (buffer_size(length) if length else 0) + extra)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
         buffer = self._buffers.take(length) if length else None

@@ -1,7 +1,8 @@
 """Recipient side of pull: download_file, a thin driver of the protocol state in window.py.
 
-1. Ask the owner to `open` the RID (name, size, digest algorithm). Nothing is created on disk
-   before it answered, so an absent owner or a bad RID leaves no trace.
+1. Ask the owner to `open` the RID (name, size, digest algorithm) and, when nothing of it is
+   here yet, for its first chunk with the answer. Nothing is created on disk before the owner
+   answered, so an absent owner or a bad RID leaves no trace.
 2. Open and lock `<location>/.fedstream-<RID>.part`. Data is written in offset order and hashed
    as it arrives, so the .part file is always a prefix of the source: a later call with the same
    RID and location hashes that prefix and continues after it (resume).
@@ -157,9 +158,12 @@ class _Download:
     def run(self) -> tuple[Optional[str], Optional[str]]:
         path = part_path(self.location, self.ref_id)
         try:
-            info = self._call(wire.TOPIC_OPEN, self.open_headers).headers
-            if self.kit is not None:
-                info = self._agree(info)
+            headers = dict(self.open_headers)
+            if not os.path.exists(path):  # nothing to resume: the first chunk comes with the answer
+                headers["first"] = self.chunk_size
+            answer = self._call(wire.TOPIC_OPEN, headers)
+            info = self._agree(answer.headers) if self.kit is not None else answer.headers
+            first = self._first_bytes(answer)
             fd = _open_locked(path)
         except _Aborted:
             self._report_give_up()
@@ -173,7 +177,7 @@ class _Download:
         finally:
             self._forget_all()
         try:
-            return None, self._transfer(fd, path, info)
+            return None, self._transfer(fd, path, info, first)
         except _Aborted:
             remove_quietly(path)
             self._report_give_up()
@@ -206,6 +210,18 @@ class _Download:
         self.sealer = e2e.PullSealer(self.pairwise)
         return meta
 
+    def _first_bytes(self, answer: Message) -> memoryview:
+        """The first bytes of the file that came with the owner's `open` answer (opened, if secure)."""
+        data = answer.buffer
+        if self.sealer is not None and len(data):
+            try:
+                data = memoryview(self.sealer.open(0, data))
+            except e2e.E2EError as exc:
+                raise _Failed(f"{str(exc).rstrip('.')}: it was altered on the way") from None
+        if len(data) > self.chunk_size:
+            raise _Failed("the owner sent a malformed answer")
+        return data
+
     def _headers(self, **headers: object) -> dict:
         """Request headers, naming the secure session if there is one."""
         if self.kit is not None:
@@ -217,9 +233,9 @@ class _Download:
         log.log(logging.DEBUG if self.optional else logging.WARNING, "%s", error)
         return error, None
 
-    def _transfer(self, fd: int, path: str, info: dict) -> str:
+    def _transfer(self, fd: int, path: str, info: dict, first: memoryview) -> str:
         name, size, alg = info.get("name"), info.get("size"), info.get("alg")
-        if not isinstance(name, str) or type(size) is not int or size < 0:
+        if not isinstance(name, str) or type(size) is not int or size < 0 or len(first) > size:
             raise _Failed("the owner sent a malformed answer")
         if alg != digests.ALGORITHM:
             raise _Failed(f"the owner verifies with {alg!r}, this node with {digests.ALGORITHM!r}")
@@ -235,6 +251,10 @@ class _Download:
         free = shutil.disk_usage(self.location).free
         if free < size - have:
             raise _Failed(f"{self.location} has {free} bytes free, the file needs {size - have} more")
+        if not have and len(first):
+            _write_at(fd, first, 0)
+            hasher.update(first)
+            have = len(first)
         self._progress(have, size)
         self._pull(fd, hasher, have, size)
         digest = hasher.hexdigest()

@@ -2,7 +2,9 @@
 
 Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
 
-- TOPIC_OPEN  {ref}                 -> {name, size, alg}
+- TOPIC_OPEN  {ref, first?}         -> {name, size, alg}, and as payload the file's bytes
+  [0, first) clipped to its size when the request asked for `first` (at most MAX_CHUNK_LENGTH)
+  and the owner had room for them in its budget; otherwise no payload
 - TOPIC_CHUNK {ref, off, len}       -> raw bytes [off, off+len) clipped to the file size (empty at EOF)
 - TOPIC_DONE  {ref, digest, alg}       -> {ok, digest, alg}; the owner compares the recipient's digest
   with its own and reports the recipient's success (ERR_PENDING while its digest is not ready).
@@ -12,7 +14,8 @@ A secure download (secure=True) adds "e2e" to every request. In its `open` it is
 recipient's offer {cert, salt}; the owner verifies it and answers {e2e: its offer, meta:
 sealed {name, size, alg}}. Afterwards "e2e" is the session id (the recipient's salt, base64)
 naming the pairwise key both derived (common/e2e.py): `chunk` replies are sealed with
-PullSealer, `done` carries {sealed: the digest} and is answered {sealed: {ok, digest}}.
+PullSealer (so are the first bytes of `open`, sealed as the chunk at offset 0), `done` carries
+{sealed: the digest} and is answered {sealed: {ok, digest}}.
 
 A failed request is answered with `Reply.failure(code, sentence)` from nodes/message.py: headers
 {err: <code>, msg: <sentence>} and no payload. A chunk request asks for at most MAX_CHUNK_LENGTH
