@@ -107,6 +107,18 @@ def set_stale_part_age(seconds: float) -> None:
         _swept.clear()
 
 
+def part_path(directory: str, transfer_id: str, suffix: str = "") -> str:
+    """The .part file of transfer `transfer_id` (a RID or a stream id) in `directory`.
+
+    Pull names it by the RID alone (a later download of the same RID resumes it); push adds a
+    random `suffix` of 8 hex digits per attempt.
+    """
+    name = f".fedstream-{transfer_id}" + (f"-{suffix}" if suffix else "") + ".part"
+    if not is_part_name(name):
+        raise ValueError(f"{transfer_id!r} cannot name a .part file")
+    return os.path.join(directory, name)
+
+
 def is_part_name(name: str) -> bool:
     """Tell whether `name` is one of fedstream's own .part file names."""
     return _PART_NAME.fullmatch(name) is not None

@@ -11,7 +11,7 @@ import pytest
 
 from fedstream.common import Signal
 from fedstream.nodes import Cell, FileDownloader, download_file
-from fedstream.nodes.pull.recipient import part_path
+from fedstream.common.filenames import part_path
 from tests.procs import wait_until
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
 

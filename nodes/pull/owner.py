@@ -37,6 +37,7 @@ from fedstream.common import digest as digests
 from fedstream.common import e2e
 from fedstream.common.filenames import remove_quietly
 from fedstream.common.rc import DownloadStatus
+from fedstream.nodes.callbacks import call_user_cb
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.message import InPool, Message, Reply, reply_error
 from fedstream.nodes.objects import spool
@@ -46,7 +47,7 @@ from fedstream.nodes.pull.budget import ReplyBudget
 from fedstream.nodes.pull.buffers import BufferPool, buffer_size
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 from fedstream.nodes.pull.secure import SecureSessions, Session
-from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile, call_user_cb
+from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile
 
 log = logging.getLogger(__name__)
 

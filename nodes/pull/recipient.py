@@ -36,7 +36,7 @@ from fedstream.common import digest as digests
 from fedstream.common import e2e
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.common.errors import BrokerUnreachableError, CellError, RemoteError, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts
+from fedstream.common.filenames import check_dest_dir, commit_file, part_path, remove_quietly, remove_stale_parts
 from fedstream.common.fqcn import validate_fqcn
 from fedstream.common.kits import Kit
 from fedstream.common.signal import Signal
@@ -80,11 +80,6 @@ class _Failed(Exception):
 
 class _Aborted(Exception):
     pass
-
-
-def part_path(location: str, ref_id: str) -> str:
-    """Where the partial data of `ref_id` is kept inside `location`."""
-    return os.path.join(location, f".fedstream-{ref_id}.part")
 
 
 def _open_locked(path: str) -> int:

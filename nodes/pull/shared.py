@@ -15,10 +15,11 @@ import stat
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from fedstream.common import digest as digests
 from fedstream.common.rc import DownloadStatus
+from fedstream.nodes.callbacks import call_user_cb
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 
@@ -30,14 +31,6 @@ _STARTED = "started"  # recipient state before its outcome (a DownloadStatus) is
 
 class Closed(Exception):
     """The file's transaction ended while a request was being served."""
-
-
-def call_user_cb(what: str, cb: Callable, *args: Any, **kwargs: Any) -> None:
-    """Call user code; log (never raise) what it raises."""
-    try:
-        cb(*args, **kwargs)
-    except Exception:
-        log.exception("%s raised an exception (ignored)", what)
 
 
 class DigestCache:

@@ -41,8 +41,16 @@ import zmq
 from fedstream.common import digest as digests
 from fedstream.common import e2e
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
-from fedstream.common.filenames import check_dest_dir, commit_file, remove_quietly, remove_stale_parts, sanitize_name
+from fedstream.common.filenames import (
+    check_dest_dir,
+    commit_file,
+    part_path,
+    remove_quietly,
+    remove_stale_parts,
+    sanitize_name,
+)
 from fedstream.common.rc import ReturnCode
+from fedstream.nodes.callbacks import call_user_cb
 from fedstream.nodes.cell import Cell
 from fedstream.nodes.context import FLContext
 from fedstream.nodes.message import Message, Reply, reply_error
@@ -51,7 +59,7 @@ from fedstream.nodes.push import stream_context as keys
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.assembly import MAX_IDLE, MAX_STALL, Assembly
 from fedstream.nodes.push.seal import Sealer, StreamKey, sealed_length
-from fedstream.nodes.push.service import PushService
+from fedstream.nodes.push.service import IgnoredSenders, PushService
 from fedstream.nodes.push.stream_context import StreamContext
 
 log = logging.getLogger(__name__)
@@ -108,13 +116,8 @@ class _Registration:
     allow_pickle: bool = False
 
 
-def _call_user_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: StreamContext) -> bool:
-    try:
-        cb(ctx, reg.fl_ctx, **reg.cb_kwargs)
-        return True
-    except Exception:
-        log.exception("%s of channel '%s' topic '%s' raised an exception (ignored)", what, reg.channel, reg.topic)
-        return False
+def _call_stream_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: StreamContext) -> bool:
+    return call_user_cb(f"{what} of channel '{reg.channel}' topic '{reg.topic}'", cb, ctx, reg.fl_ctx, **reg.cb_kwargs)
 
 
 class _Stream:
@@ -200,7 +203,7 @@ class _Stream:
             log.warning("stream %s of '%s' from '%s' ended with %s: %s", self.sid, self.name, self.owner, rc,
                         self.reason)
         if self.reg.stream_done_cb is not None:
-            _call_user_cb("stream_done_cb", self.reg.stream_done_cb, self.reg, self.ctx)
+            _call_stream_cb("stream_done_cb", self.reg.stream_done_cb, self.reg, self.ctx)
         push_objects.discard_received(self.ctx)
 
     # -- the receiving thread --------------------------------------------------------------
@@ -338,7 +341,7 @@ class _Stream:
         if repaired:
             self.repaired += 1
         if self.reg.chunk_consumed_cb is not None and not self.cb_failed:
-            self.cb_failed = not _call_user_cb("chunk_consumed_cb", self.reg.chunk_consumed_cb, self.reg, self.ctx)
+            self.cb_failed = not _call_stream_cb("chunk_consumed_cb", self.reg.chunk_consumed_cb, self.reg, self.ctx)
 
     def _event(self, event: str, **fields: Any) -> None:
         self.cell.fire_and_forget(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self.owner, None,
@@ -373,7 +376,7 @@ class _Stream:
                 self.assembly.repair_unanswered(time.monotonic())
             return
         if reply.source != self.owner:
-            self.side.count_ignored(reply.source, "repair reply", self.sid)
+            self.side.ignored_senders.add(reply.source, "repair reply", self.sid)
             with self.lock:
                 self.assembly.repair_unanswered(time.monotonic())
             return
@@ -475,8 +478,7 @@ class ReceiverSide:
     def __init__(self, service: PushService) -> None:
         self._service = service
         self.tuning = ReceiverTuning()
-        self.ignored = 0  # messages about a stream from a node that is not its owner
-        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
+        self.ignored_senders = IgnoredSenders("owner")
         self._lock = threading.Lock()
         self._streams: dict[str, Optional[_Stream]] = {}  # None: being set up
         self._owners: dict[str, str] = {}  # stream id -> owner, for every stream in _streams
@@ -502,14 +504,10 @@ class ReceiverSide:
             owner = self._owners.pop(sid, None)
             self._remember_ended(sid, owner if committed else None)
 
-    def count_ignored(self, source: str, what: str, sid: object) -> None:
-        """Count (and log, once per source) a message from a node that is not the stream's owner."""
-        with self._lock:
-            self.ignored += 1
-            first = source not in self._warned
-            self._warned.add(source)
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "stream %s: ignored a %s from '%s', which is not its owner", sid, what, source)
+    @property
+    def ignored(self) -> int:
+        """Messages about a stream from a node that is not its owner."""
+        return self.ignored_senders.count
 
     def _remember_ended(self, sid: str, committed_by: Optional[str] = None) -> None:
         self._ended[sid] = committed_by
@@ -539,7 +537,7 @@ class ReceiverSide:
                     if running is not None and running.secure is not None:
                         return Reply(None, {"sid": sid, "e2e": running.secure.offer})
                     return Reply(None, {"sid": sid})
-                self.ignored += 1
+                self.ignored_senders.add(message.source, "'start'", sid)
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if sid in self._ended:
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
@@ -590,7 +588,7 @@ class ReceiverSide:
         if free < info["size"]:
             raise ValueError(f"'{cell_name}' has only {free} bytes free in {reg.dest_dir}, {info['size']} needed")
         while True:
-            path = os.path.join(reg.dest_dir, f".fedstream-{info['sid']}-{secrets.token_hex(4)}.part")
+            path = part_path(reg.dest_dir, info["sid"], secrets.token_hex(4))
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
                 break
@@ -606,7 +604,7 @@ class ReceiverSide:
         with self._lock:
             stream = self._streams.get(sid)
         if stream is not None and stream.owner != message.source:
-            self.count_ignored(message.source, f"'{message.topic}' request", sid)
+            self.ignored_senders.add(message.source, f"'{message.topic}' request", sid)
             return None
         return stream
 
@@ -646,7 +644,7 @@ class ReceiverSide:
                 self._remember_ended(sid)  # a start that comes after its abort is refused
                 return Reply(None, {"sid": sid})
         if owner != message.source or stream is None:
-            self.count_ignored(message.source, "'abort' request", sid)
+            self.ignored_senders.add(message.source, "'abort' request", sid)
             return Reply.failure(wire.ERR_UNKNOWN_STREAM, "unknown stream")
         reason = message.headers.get("reason") or "the sender aborted the stream"
         stream.end(ReturnCode.TASK_ABORTED, str(reason), notify_owner=False)

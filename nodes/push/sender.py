@@ -49,7 +49,7 @@ from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.message import Message, Reply, reply_error
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.seal import Sealer, StreamKey
-from fedstream.nodes.push.service import PushService
+from fedstream.nodes.push.service import IgnoredSenders, PushService
 from fedstream.nodes.push.window import Ack, Cancelled, Event, Fail, PushWindow, Ready, choose_repair
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ class OwnerSide:
         cell = service.cell
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
-        self.ignored = 0  # messages about a stream from a node that is not its target
-        self._warned: set[str] = set()  # sources already warned about (once each: no log flood)
+        self.ignored_senders = IgnoredSenders("target")
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_EVENT, self._on_event, inline=True)
         cell.register_request_cb(wire.CONTROL_CHANNEL, wire.TOPIC_REPAIR, self._on_repair)
 
@@ -170,18 +169,14 @@ class OwnerSide:
         with self._lock:
             session = self._sessions.get(sid) if isinstance(sid, str) else None
         if session is not None and message.source not in session.targets:
-            self.count_ignored(message.source, f"'{message.topic}' message", session.sid)
+            self.ignored_senders.add(message.source, f"'{message.topic}' message", session.sid)
             return None
         return session
 
-    def count_ignored(self, source: str, what: str, sid: str) -> None:
-        """Count (and log, once per source) a message from a node that is not a target of the stream."""
-        with self._lock:
-            self.ignored += 1
-            first = source not in self._warned
-            self._warned.add(source)
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "stream %s: ignored a %s from '%s', which is not its target", sid, what, source)
+    @property
+    def ignored(self) -> int:
+        """Messages about a stream from a node that is not its target."""
+        return self.ignored_senders.count
 
     def _on_event(self, message: Message) -> Optional[Reply]:
         """Inline on the Cell's I/O thread: hand the event to the stream's thread."""
@@ -500,7 +495,7 @@ class _Push:
         except CellError as exc:
             raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot reach '{target}': {exc}") from None
         if reply.source != target:
-            self.owner.count_ignored(reply.source, f"'{step}' reply in the name of '{target}'", self.sid)
+            self.owner.ignored_senders.add(reply.source, f"'{step}' reply in the name of '{target}'", self.sid)
             return False
         error = reply_error(reply.headers)
         if error is not None:

@@ -11,10 +11,12 @@ telling the peers while it still can.
 
 import logging
 import threading
+import time
 import weakref
 from typing import Protocol, TypeVar
 
 from fedstream.common.errors import CellError
+from fedstream.common.peerlog import PeerErrors
 from fedstream.nodes.cell import Cell
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,26 @@ class Side(Protocol):
 
 
 S = TypeVar("S", bound=Side)
+
+
+class IgnoredSenders:
+    """Messages about a stream from a node with no say in it: counted, and logged once a minute per node."""
+
+    def __init__(self, role: str, interval: float = 60.0) -> None:
+        self._role = role  # who may send them: "target" or "owner"
+        self._errors = PeerErrors(interval)
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._errors.total
+
+    def add(self, source: str, what: str, sid: object) -> None:
+        """Count a `what` about stream `sid` from `source`, which is not the stream's `role`."""
+        with self._lock:
+            loud = self._errors.record(source, time.monotonic())
+        log.log(logging.WARNING if loud else logging.DEBUG,
+                "stream %s: ignored a %s from '%s', which is not its %s", sid, what, source, self._role)
 
 # Each Cell's service; weak keys, so a service lives exactly as long as its cell.
 _services: "weakref.WeakKeyDictionary[Cell, PushService]" = weakref.WeakKeyDictionary()
