@@ -18,6 +18,7 @@ from fedstream.nodes.pull.window import (
     Replied,
     RetryLater,
     Undeliverable,
+    WindowGrowth,
     error_outcome,
 )
 
@@ -368,3 +369,38 @@ def test_buffer_pool_reuses_power_of_two_buffers_while_lent_and_idle_stay_within
     assert pool.idle() == 3 << 20
     big = pool.take(2 << 20)  # a miss: idle buffers of other sizes make room for it
     assert len(big) == 2 << 20 and pool.idle() == 1 << 20
+
+
+# -- window growth (a long link) -------------------------------------------------------------
+def test_window_grows_while_each_round_is_faster():
+    growth = WindowGrowth(window=4, max_window=100, chunk_size=10, written=0, now=0.0)
+    assert growth.wanted(30, 1.0) == 4  # the first round (4 chunks) is not over yet
+    assert growth.wanted(40, 1.0) == 6  # 40 bytes/s: half as large again
+    growth.granted(6)
+    assert growth.wanted(100, 2.0) == 9  # 60 bytes/s: faster, grow again
+    growth.granted(9)
+    assert growth.wanted(190, 2.5) == 13  # 180 bytes/s
+    growth.granted(13)
+    assert growth.growing
+
+
+def test_window_stops_growing_when_a_round_gains_too_little():
+    growth = WindowGrowth(window=4, max_window=100, chunk_size=10, written=0, now=0.0)
+    assert growth.wanted(40, 1.0) == 6
+    growth.granted(6)
+    assert growth.wanted(100, 2.4) == 6  # 42.9 bytes/s: less than 10 % faster than 40
+    assert not growth.growing
+    assert growth.wanted(10_000, 2.5) == 6  # and it stays
+
+
+def test_window_growth_is_bounded_by_max_window_and_by_what_is_granted():
+    growth = WindowGrowth(window=8, max_window=12, chunk_size=1, written=0, now=0.0)
+    assert growth.wanted(8, 1.0) == 12
+    growth.granted(12)
+    assert not growth.growing and growth.wanted(100, 1.1) == 12
+    starved = WindowGrowth(window=4, max_window=100, chunk_size=10, written=0, now=0.0)
+    assert starved.wanted(40, 1.0) == 6
+    starved.granted(4)  # the cell's other downloads hold the rest of its bytes in flight
+    assert not starved.growing and starved.window == 4
+    fixed = WindowGrowth(window=12, max_window=12, chunk_size=1, written=0, now=0.0)
+    assert not fixed.growing and fixed.wanted(1000, 1.0) == 12

@@ -55,6 +55,7 @@ from fedstream.nodes.pull.window import (
     Replied,
     RetryLater,
     Undeliverable,
+    WindowGrowth,
     error_outcome,
 )
 
@@ -142,7 +143,8 @@ class _Download:
         self.optional = optional
         self.abort_signal = abort_signal
         self.chunk_size = chunk_size
-        self.window = window
+        self.window = window  # requests in flight at first; the window grows within the cell's share
+        self.share = 0  # reply bytes in flight this download reserved from the cell's MAX_IN_FLIGHT_BYTES
         self.progress_cb = progress_cb
         self.keep_partial = keep_partial
         self.liveness = Liveness(Policy(timeout), time.monotonic())
@@ -280,15 +282,17 @@ class _Download:
     # -- data --------------------------------------------------------------------------------
     def _pull(self, fd: int, hasher: digests.Hasher, start: int, size: int) -> None:
         window = PullWindow(size, start, self.chunk_size, self.window, self.liveness)
+        growth = WindowGrowth(self.window, wire.MAX_IN_FLIGHT_BYTES // self.chunk_size, self.chunk_size, start,
+                              time.monotonic())
         held: "dict[int, Message | _Opened]" = {}  # answers waiting for an earlier offset
         self.opening = True
         try:
-            self._pull_with(window, held, fd, hasher, size)
+            self._pull_with(window, growth, held, fd, hasher, size)
         finally:
             self.opening = False
         self._check_abort()
 
-    def _pull_with(self, window: PullWindow, held: "dict[int, Message | _Opened]", fd: int,
+    def _pull_with(self, window: PullWindow, growth: WindowGrowth, held: "dict[int, Message | _Opened]", fd: int,
                    hasher: digests.Hasher, size: int) -> None:
         while not window.complete:
             if window.failure is not None:
@@ -311,6 +315,12 @@ class _Download:
                     self._forget(key)
             if not ready:
                 continue
+            wanted = growth.wanted(window.written, time.monotonic())
+            if wanted > window.window:
+                extra = _in_flight.grow(self.cell, (wanted - window.window) * self.chunk_size)
+                self.share += extra
+                window.window += extra // self.chunk_size
+                growth.granted(window.window)
             # Refill the window before writing: the owner reads and the broker forwards meanwhile.
             for request in window.due(time.monotonic()):
                 self._send(request.offset, wire.TOPIC_CHUNK, self._headers(off=request.offset, len=request.length))
@@ -472,8 +482,9 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     an unknown RID removes it, and nothing is created before the owner answered. The owner may
     leave requests unanswered for `per_request_timeout` seconds (three times, then the download
     fails); an owner the broker reports as not connected fails it after 2 s, or after a 5 s grace
-    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight,
-    at most 12 MiB of them) tune throughput; `progress_cb(received, total)` is called as data
+    if it answered before. `chunk_size` (at most 8 MiB) and `window` (requests in flight at
+    first; it grows while throughput grows, as on a long link, to at most 12 MiB in flight
+    across this cell's downloads) tune throughput; `progress_cb(received, total)` is called as data
     is written. `keep_partial=False` removes the partial data on any failure. `secure=True`
     encrypts end to end between the two certified cells (both need a kit; ValueError without
     one here): the broker can neither read nor alter the data, the name, the size or the verdict.
@@ -501,11 +512,13 @@ def download_file(from_fqcn: str, ref_id: str, per_request_timeout: float, cell:
     if progress_cb is not None and not callable(progress_cb):
         raise ValueError("progress_cb must be callable or None.")
     share = _in_flight.reserve(cell, min(window * chunk_size, wire.MAX_IN_FLIGHT_BYTES), chunk_size)
+    download = _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
+                         chunk_size, max(1, share // chunk_size), progress_cb, keep_partial, kit)
+    download.share = share
     try:
-        return _Download(from_fqcn, ref_id, float(per_request_timeout), cell, location, optional, abort_signal,
-                         chunk_size, max(1, share // chunk_size), progress_cb, keep_partial, kit).run()
+        return download.run()
     finally:
-        _in_flight.release(cell, share)
+        _in_flight.release(cell, download.share)
 
 
 class _InFlightShares:
@@ -526,6 +539,14 @@ class _InFlightShares:
             share = max(chunk_size, min(wanted, wire.MAX_IN_FLIGHT_BYTES - used))
             self._used[cell] = used + share
             return share
+
+    def grow(self, cell: Cell, wanted: int) -> int:
+        """Up to `wanted` more bytes for a download of `cell` (what is left of its MAX_IN_FLIGHT_BYTES)."""
+        with self._lock:
+            used = self._used.get(cell, 0)
+            extra = max(0, min(wanted, wire.MAX_IN_FLIGHT_BYTES - used))
+            self._used[cell] = used + extra
+            return extra
 
     def release(self, cell: Cell, share: int) -> None:
         with self._lock:

@@ -20,6 +20,9 @@ the answers out; nothing here touches a socket, a thread, a clock or a file:
    requests in flight. `due(now)` says which requests to send now; `handle(event, now)` returns
    the offsets whose data may be written now, always in offset order, so the `.part` file stays
    a prefix of the source. `complete` once every byte was handed out for writing.
+4. `WindowGrowth` decides how far the window grows on a long link: it measures throughput per
+   round (a window's worth of data written) and asks for more requests in flight while the
+   last growth made throughput grow, up to a bound in bytes the driver grants.
 
 Resend rules (all requests): a request the owner left unanswered for `Policy.timeout` seconds
 (counted from the later of its sending and the last answer of any request) is sent again,
@@ -292,6 +295,45 @@ class _Requests:
             return
         for slot in silent:
             self._resend(slot, now)
+
+
+class WindowGrowth:
+    """Grow the request window while throughput grows (a long link needs more data in flight).
+
+    Throughput is measured per round: the time to write one window's worth of data. A round
+    faster by at least `GAIN` than the previous one earns a window half as large again (at
+    least one more request), up to `max_window`; a round that gained less ends the growth.
+    """
+
+    GAIN = 1.1
+
+    def __init__(self, window: int, max_window: int, chunk_size: int, written: int, now: float) -> None:
+        self.window = window
+        self.max_window = max(window, max_window)
+        self.chunk_size = chunk_size
+        self.growing = self.window < self.max_window
+        self._round_start = (written, now)
+        self._last_rate: Optional[float] = None
+
+    def wanted(self, written: int, now: float) -> int:
+        """The window wanted after `written` bytes were handed out for writing by `now`."""
+        start, since = self._round_start
+        if not self.growing or written - start < self.window * self.chunk_size:
+            return self.window
+        rate = (written - start) / max(now - since, 1e-6)
+        self._round_start = (written, now)
+        if self._last_rate is not None and rate < self._last_rate * self.GAIN:
+            self.growing = False
+            return self.window
+        self._last_rate = rate
+        return min(self.max_window, self.window + max(1, self.window // 2))
+
+    def granted(self, window: int) -> None:
+        """The driver could grant `window` requests (less than wanted ends the growth)."""
+        if window <= self.window:
+            self.growing = False
+        self.window = max(self.window, window)
+        self.growing = self.growing and self.window < self.max_window
 
 
 class Call:
