@@ -404,3 +404,37 @@ def test_window_growth_is_bounded_by_max_window_and_by_what_is_granted():
     assert not starved.growing and starved.window == 4
     fixed = WindowGrowth(window=12, max_window=12, chunk_size=1, written=0, now=0.0)
     assert not fixed.growing and fixed.wanted(1000, 1.0) == 12
+
+
+# -- lost requests and replies -----------------------------------------------------------------
+def test_a_request_overtaken_by_an_answered_later_one_is_resent_after_lost_after():
+    win = make_window(30, chunk=10, window=2)
+    assert win.due(0.0) == [ChunkRequest(0, 10), ChunkRequest(10, 10)]
+    assert win.handle(Replied(0, 10), 0.1) == [0]
+    assert win.due(0.1) == [ChunkRequest(20, 10)]
+    assert win.handle(Replied(20, 10), 0.2) == []  # sent after offset 10 and answered: 10 may be lost
+    assert win.deadline() == min(0.2 + POLICY.probe_interval, POLICY.lost_after)
+    assert win.due(POLICY.lost_after - 0.01) == []
+    assert win.due(POLICY.lost_after) == [ChunkRequest(10, 10)]  # not an attempt: no failure however often
+    assert win.handle(Replied(10, 10), 2.1) == [10, 20] and win.complete
+
+
+def test_requests_answered_in_any_order_within_lost_after_are_not_resent():
+    win = make_window(30, chunk=10, window=2)
+    win.due(0.0)
+    win.handle(Replied(0, 10), 0.1)
+    win.due(0.1)
+    win.handle(Replied(20, 10), 0.2)
+    assert win.due(1.5) == []
+    assert win.handle(Replied(10, 10), 1.5) == [10, 20] and win.complete
+
+
+def test_a_call_whose_answer_was_lost_is_resent_once_a_later_probe_is_answered():
+    liveness = Liveness(POLICY, 0.0)
+    call = Call(liveness, 0.0)
+    assert call.due(0.0)
+    assert call.probe_due(POLICY.probe_interval)
+    liveness.handle_probe(Replied(-1, 0), POLICY.probe_interval + 0.05)  # the owner is there and answering
+    assert not call.due(POLICY.lost_after - 0.01)
+    assert call.due(POLICY.lost_after) and call.failure is None
+    assert call.handle(Replied(0, 0), POLICY.lost_after + 0.1)

@@ -30,6 +30,10 @@ together with every other unanswered one; after `Policy.max_attempts` such round
 fails. A request the broker could not deliver, or that the owner asked to repeat later (digest
 pending, too many bytes in flight), is sent again after `Policy.retry_delay` without counting as
 an attempt. A reply from anyone but the owner is ignored and the request sent again at once.
+A request unanswered for `Policy.lost_after` seconds although the owner has answered a request
+or probe sent after it was lost on the way (a broker that could not queue a reply drops it):
+it is sent again without counting as an attempt, so a lost reply costs seconds, not the
+whole `Policy.timeout`.
 Every method takes the clock reading `now` (seconds, monotonic) from its caller.
 """
 
@@ -49,6 +53,7 @@ class Policy:
     first_contact: float = 2.0  # seconds an owner that never answered may be absent
     grace: float = 5.0  # seconds an owner that answered before may be absent
     probe_interval: float = 1.0  # seconds without an answer before the owner's presence is probed
+    lost_after: float = 2.0  # seconds after which a request older than an answered one counts as lost
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,12 @@ class Liveness:
         self._absent_since: Optional[float] = None
         self._absent_reason = ""
         self._probed_at: Optional[float] = None
+        self.answered_up_to: Optional[float] = None  # when the latest-sent answered request or probe was sent
+
+    def answered_sent_at(self, sent_at: float) -> None:
+        """A request (or probe) sent at `sent_at` was answered: what was sent before it may be lost."""
+        if self.answered_up_to is None or sent_at > self.answered_up_to:
+            self.answered_up_to = sent_at
 
     def heard(self, now: float) -> None:
         """The owner answered a request."""
@@ -172,6 +183,8 @@ class Liveness:
         """What a probe's outcome says: present (any answer), absent (undeliverable), or nothing."""
         if isinstance(event, (Replied, RetryLater)):
             self.present()
+            if self._probed_at is not None:
+                self.answered_sent_at(self._probed_at)
         elif isinstance(event, Undeliverable):
             self.absent(now, event.reason)
 
@@ -214,6 +227,8 @@ class _Requests:
         for key, slot in self.slots.items():
             if slot.sent_at is not None and slot.comebacks < self.liveness.comebacks:
                 self._resend(slot, now)  # sent to a connection that is gone since
+            elif self._lost(slot, now):
+                self._resend(slot, now)  # overtaken: its request or its answer was dropped on the way
             if slot.sent_at is None and slot.send_at <= now:
                 slot.sent_at = now
                 slot.comebacks = self.liveness.comebacks
@@ -221,8 +236,16 @@ class _Requests:
         return keys
 
     def answered(self, key: int, now: float) -> None:
-        self.slots.pop(key, None)
+        slot = self.slots.pop(key, None)
+        if slot is not None and slot.sent_at is not None:
+            self.liveness.answered_sent_at(slot.sent_at)
         self.liveness.heard(now)
+
+    def _lost(self, slot: _Slot, now: float) -> bool:
+        """Sent a while ago, and the owner has answered something sent after it since."""
+        overtaken = self.liveness.answered_up_to
+        return slot.sent_at is not None and overtaken is not None and slot.sent_at < overtaken \
+            and now - slot.sent_at >= self.policy.lost_after
 
     def handle(self, event: Event, now: float) -> None:
         """Everything but an answer: decide when the request goes out again."""
@@ -251,6 +274,10 @@ class _Requests:
     def deadline(self) -> Optional[float]:
         """The next moment `due`, `probe_due` or `failure` may change by itself."""
         times = [slot.send_at for slot in self.slots.values() if slot.sent_at is None]
+        overtaken = self.liveness.answered_up_to
+        if overtaken is not None:
+            times += [slot.sent_at + self.policy.lost_after for slot in self.slots.values()
+                      if slot.sent_at is not None and slot.sent_at < overtaken]
         silence = self._silence_deadline()
         if silence is not None:
             times += [silence, self.liveness.next_probe()]
