@@ -23,6 +23,7 @@ import os
 import queue
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -374,7 +375,17 @@ class Bench:
         self.workdir = workdir
         self.source = workdir / "source.bin"
         self.digest = ""
-        self.runs: dict[str, Run] = {}
+        self.rounds: list[dict[str, Run]] = []  # one dict per round of the plan (--repeat)
+        self.runs: dict[str, Run] = {}  # the round being run
+
+    def new_round(self) -> None:
+        """Start collecting the runs of the next round of the plan."""
+        self.runs = {}
+        self.rounds.append(self.runs)
+
+    def series(self, name: str) -> list[Run]:
+        """The runs called `name`, one per round that completed it."""
+        return [runs[name] for runs in self.rounds if name in runs]
 
     def make_source(self) -> None:
         block = 1 << 20
@@ -513,51 +524,113 @@ class Bench:
         return run
 
 
-def ratio(a: Optional[Run], b: Optional[Run], attr: str = "mbps") -> str:
-    if not a or not b or not getattr(b, attr):
-        return "n/a"
-    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
+def spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
+    """A figure over the rounds: the value itself for one round, else 'median [min-max]'."""
+    if len(values) == 1:
+        return fmt.format(values[0]) + unit
+    return f"{fmt.format(statistics.median(values))}{unit} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def ratio(bench: Bench, a: str, b: str, attr: str = "mbps") -> str:
+    """Run `a` over run `b` taken in the same round: 'r.rrx' for one round, else median [min-max] over rounds."""
+    values = []
+    for runs in bench.rounds:
+        top, bottom = runs.get(a), runs.get(b)
+        if top and bottom and getattr(bottom, attr):
+            values.append(getattr(top, attr) / getattr(bottom, attr))
+    return spread(values, "{:.2f}", "x") if values else "n/a"
+
+
+def run_names(bench: Bench) -> list[str]:
+    """Every run name in the order of the plan."""
+    names: dict[str, None] = {}
+    for runs in bench.rounds:
+        names.update(dict.fromkeys(runs))
+    return list(names)
+
+
+def merged_summary(series: list[Run]) -> str:
+    """Per process over the rounds: the largest peak RSS (MiB) / the median CPU seconds."""
+    rss: dict[str, list[int]] = {}
+    cpu: dict[str, list[float]] = {}
+    for run in series:
+        for child in run.children:
+            if child.result.get("rss"):
+                rss.setdefault(child.label, []).append(child.result["rss"])
+                cpu.setdefault(child.label, []).append(child.result.get("cpu") or 0)
+    return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/{statistics.median(cpu[label]):.1f}" for label in rss)
+
+
+def merged_notes(bench: Bench, name: str) -> list[str]:
+    """The notes of run `name` over the rounds, each once, with the rounds it came from unless it came from all."""
+    where: dict[str, list[int]] = {}
+    for number, runs in enumerate(bench.rounds, 1):
+        for note in runs[name].notes if name in runs else []:
+            where.setdefault(note, []).append(number)
+    return [note if len(rounds) == len(bench.rounds) else f"(round {','.join(map(str, rounds))}) {note}"
+            for note, rounds in where.items()]
+
+
+def print_runs(bench: Bench) -> None:
+    """The table of runs: each run as measured (one round), or its median and range over the rounds."""
+    if len(bench.rounds) == 1:
+        header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'per process: peak RSS MiB / CPU seconds'}"
+        print(header)
+        print("-" * len(header))
+        for run in bench.runs.values():
+            print(f"{run.name:<16}{run.mbps:>9.0f}{run.seconds:>9.2f}  {'yes' if run.verified else 'NO':<9}"
+                  f"{run.rss_summary()}")
+            for note in run.notes:
+                print(f"{'':<16}  {note}")
+        return
+    header = (f"{'run':<16}{'MB/s median [min-max]':>22}{'seconds':>9}  {'verified':<9}"
+              f"per process: peak RSS MiB (largest) / CPU seconds (median)")
+    print(header)
+    print("-" * len(header))
+    for name in run_names(bench):
+        series = bench.series(name)
+        verified = sum(run.verified for run in series)
+        print(f"{name:<16}{spread([r.mbps for r in series]):>22}"
+              f"{statistics.median(r.seconds for r in series):>9.2f}  {verified}/{len(bench.rounds):<7}"
+              f"{merged_summary(series)}")
+        for note in merged_notes(bench, name):
+            print(f"{'':<16}  {note}")
 
 
 def print_report(bench: Bench) -> bool:
     runs = bench.runs
     n = bench.recipients
+    rounds = len(bench.rounds)
     print()
     print(f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
-          f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
-    header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'per process: peak RSS MiB / CPU seconds'}"
-    print(header)
-    print("-" * len(header))
-    for run in runs.values():
-        print(f"{run.name:<16}{run.mbps:>9.0f}{run.seconds:>9.2f}  {'yes' if run.verified else 'NO':<9}"
-              f"{run.rss_summary()}")
-        for note in run.notes:
-            print(f"{'':<16}  {note}")
+          f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
+          + (f", {rounds} rounds (cases interleaved; ratios paired within a round)" if rounds > 1 else ""))
+    print_runs(bench)
     print()
     checks = [
-        ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", ratio(runs.get("pull 1"), runs.get("bare relay 1"))),
-        (f"pull {n} vs bare relay {n} (aggregate throughput)",
-         ratio(runs.get(f"pull {n}"), runs.get(f"bare relay {n}"))),
-        ("push 1 vs bare relay 1 (throughput)", ratio(runs.get("push 1"), runs.get("bare relay 1"))),
-        (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)",
-         ratio(runs.get(f"push {n}"), runs.get(f"bare relay {n}"))),
-        (f"push {n} vs bare fan-out {n} (aggregate throughput)",
-         ratio(runs.get(f"push {n}"), runs.get(f"bare fan-out {n}"))),
-        (f"push {n} wall time vs push 1 (budget <= 1.5x)",
-         ratio(runs.get(f"push {n}"), runs.get("push 1"), "seconds")),
-        (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)",
-         ratio(runs.get(f"bare fan-out {n}"), runs.get("bare fan-out 1"), "seconds")),
+        ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", "pull 1", "bare relay 1", "mbps"),
+        (f"pull {n} vs bare relay {n} (aggregate throughput)", f"pull {n}", f"bare relay {n}", "mbps"),
+        ("push 1 vs bare relay 1 (throughput)", "push 1", "bare relay 1", "mbps"),
+        (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)", f"push {n}", f"bare relay {n}",
+         "mbps"),
+        (f"push {n} vs bare fan-out {n} (aggregate throughput)", f"push {n}", f"bare fan-out {n}", "mbps"),
+        (f"push {n} wall time vs push 1 (budget <= 1.5x)", f"push {n}", "push 1", "seconds"),
+        (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)", f"bare fan-out {n}",
+         "bare fan-out 1", "seconds"),
     ]
     if "pull 1 secure" in runs or f"push {n} secure" in runs:
-        checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)",
-                    ratio(runs.get("pull 1 secure"), runs.get("pull 1"))),
-                   (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)",
-                    ratio(runs.get(f"push {n} secure"), runs.get(f"push {n}")))]
-    for label, value in checks:
-        print(f"{label:<70}{value:>8}")
-    peak = max((run.max_rss() for run in runs.values() if run.name.startswith(("pull", "push"))), default=0)
-    print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>7.0f}M")
-    return all(run.verified for run in runs.values())
+        checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)", "pull 1 secure", "pull 1", "mbps"),
+                   (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)", f"push {n} secure",
+                    f"push {n}", "mbps")]
+    width = 8 if rounds == 1 else 20
+    if rounds > 1:
+        print(f"{'ratio':<70}{'median [min-max]':>{width}}")
+    for label, a, b, attr in checks:
+        print(f"{label:<70}{ratio(bench, a, b, attr):>{width}}")
+    peak = max((run.max_rss() for runs in bench.rounds for run in runs.values()
+                if run.name.startswith(("pull", "push"))), default=0)
+    print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>{width - 1}.0f}M")
+    return all(run.verified for runs in bench.rounds for run in runs.values())
 
 
 def main() -> int:
@@ -568,6 +641,8 @@ def main() -> int:
     parser.add_argument("--chunk-size", default="1M")
     parser.add_argument("--workdir", help="where to put the files (default: a temp dir, removed)")
     parser.add_argument("--secure", action="store_true", help="also run pull 1 and push N with kits (CURVE)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="run the plan K times, cases interleaved; report medians and ranges (default 1)")
     # child roles
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits"):
@@ -575,6 +650,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.chunk_size = parse_size(args.chunk_size)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.role:
         ROLES[args.role](args)
         return 0
@@ -595,15 +672,18 @@ def main() -> int:
             plan += [("pull 1 secure", lambda: bench.pull(1, secure=True)),
                      (f"push {n} secure", lambda: bench.push(n, secure=True))]
         failed = []
-        for name, step in plan:
-            print(f"running {name} ...", flush=True)
-            try:
-                run = step()
-            except RuntimeError as exc:
-                print(f"  {name} failed: {exc}", flush=True)
-                failed.append(name)
-                continue
-            print(f"  {run.mbps:.0f} MB/s in {run.seconds:.2f} s, verified: {run.verified}", flush=True)
+        for round_no in range(1, args.repeat + 1):
+            bench.new_round()
+            for name, step in plan:
+                label = name if args.repeat == 1 else f"{name} (round {round_no}/{args.repeat})"
+                print(f"running {label} ...", flush=True)
+                try:
+                    run = step()
+                except RuntimeError as exc:
+                    print(f"  {label} failed: {exc}", flush=True)
+                    failed.append(label)
+                    continue
+                print(f"  {run.mbps:.0f} MB/s in {run.seconds:.2f} s, verified: {run.verified}", flush=True)
         return 0 if print_report(bench) and not failed else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
