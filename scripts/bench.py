@@ -18,6 +18,7 @@ every process, and what the push owner sent over the network relative to the fil
 """
 
 import argparse
+import hashlib
 import json
 import os
 import queue
@@ -45,6 +46,10 @@ from fedstream.nodes.simulate.procstats import cpu_seconds, io_counters, peak_rs
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
+PULL_FILE_SIZE = 16 << 10  # --small: the size of each pulled file
+PUSH_FILE_SIZE = 64 << 10  # --small: the size of each pushed file
+PING_SIZE = 64  # --small: the payload of a request/reply round trip
+PING_WARMUP = 50  # round trips before the clock starts
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,12 +260,206 @@ def role_push_owner(args) -> None:
     report(start=started, end=ended, rc=str(result.rc), ok=result.ok, error=result.error,
            published=result.bytes_published, repaired=result.bytes_repaired, read=read)
 
+# -- small files and round trips (--small) ---------------------------------------------------
+def names_in(path: str) -> list[str]:
+    """The JSON list of names (file names or RIDs) the coordinator or an owner wrote to `path`."""
+    with open(path) as names:
+        return json.load(names)
+
+
+def write_copy(dest: str, name: str, data) -> None:
+    """Write `data` to a new file `name` in `dest` (what the bare receivers do per file)."""
+    with open(os.path.join(dest, name), "wb") as out:
+        out.write(data)
+
+
+def role_pull_files_owner(args) -> None:
+    from fedstream.nodes import Cell, FileDownloader
+
+    names = names_in(args.list)
+    finished = []
+    all_done = threading.Event()
+
+    def downloaded(ref_id, to_site, status, file_name):
+        finished.append(str(status))
+        if len(finished) == len(names):
+            all_done.set()
+
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        tx = FileDownloader.new_transaction(cell, timeout=60.0, timeout_cb=lambda *a, **k: all_done.set())
+        refs = [FileDownloader.add_file(tx, os.path.join(args.file, name), file_downloaded_cb=downloaded)
+                for name in names]
+        with open(args.ref, "w") as out:
+            json.dump(refs, out)
+        print("RIDS", flush=True)
+        all_done.wait(3600)
+        FileDownloader.delete_transaction(tx)
+    report(statuses=sorted(set(finished)), downloaded=len(finished))
+
+
+def role_pull_files_recv(args) -> None:
+    from fedstream.nodes import Cell, download_file
+
+    refs = names_in(args.ref)
+    errors = []
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        started = time.time()
+        for ref in refs:
+            error, _path = download_file("server", ref, 30.0, cell, location=args.dest)
+            if error:
+                errors.append(error)
+        ended = time.time()
+    report(start=started, end=ended, items=len(refs) - len(errors), errors=errors[:3], failed=len(errors))
+
+
+def role_push_files_recv(args) -> None:
+    from fedstream.nodes import Cell, FileStreamer, FLContext
+
+    done = threading.Event()
+    outcome: dict = {"ok": 0, "failed": []}
+
+    def stream_done(stream_ctx, fl_ctx):
+        rc = str(FileStreamer.get_rc(stream_ctx))
+        if FileStreamer.get_file_location(stream_ctx):
+            outcome["ok"] += 1
+        else:
+            outcome["failed"].append(rc)
+        if outcome["ok"] + len(outcome["failed"]) == args.count:
+            outcome["end"] = time.time()
+            done.set()
+
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        FileStreamer.register_stream_processing(FLContext(cell), "bench", "file", dest_dir=args.dest,
+                                                stream_done_cb=stream_done)
+        print("READY", flush=True)
+        done.wait(3600)
+    report(**outcome)
+
+
+def role_push_files_owner(args) -> None:
+    from fedstream.nodes import Cell
+    from fedstream.nodes.push.sender import send_file
+
+    errors = []
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        started = time.time()
+        for name in names_in(args.list):
+            result = send_file(cell, "bench", "file", {}, [args.targets], os.path.join(args.file, name))
+            if not result.ok:
+                errors.append(f"{result.rc}: {result.error}")
+        ended = time.time()
+    report(start=started, end=ended, errors=errors[:3], failed=len(errors))
+
+
+def bare_peer(args, identity: bytes) -> zmq.Socket:
+    """A DEALER named `identity` connected to the bare relay, which it greeted (so messages to it flow)."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(args.connect)
+    sock.send_multipart([b"relay", b"hello"])
+    return sock
+
+
+def role_bare_files_owner(args) -> None:
+    sock = bare_peer(args, b"owner")
+    print("READY", flush=True)
+    while True:  # until the coordinator stops it
+        sender, name = sock.recv_multipart()
+        with open(os.path.join(args.file, name.decode()), "rb") as source:
+            data = source.read()
+        sock.send_multipart([sender, name, data], copy=False)
+
+
+def role_bare_files_recv(args) -> None:
+    sock = bare_peer(args, args.name.encode())
+    names = names_in(args.list)
+    started = time.time()
+    for name in names:
+        sock.send_multipart([b"owner", name.encode()])
+        _sender, got, data = sock.recv_multipart(copy=False)
+        write_copy(args.dest, got.bytes.decode(), data.buffer)
+    report(start=started, end=time.time(), items=len(names))
+
+
+def role_bare_push_send(args) -> None:
+    sock = bare_peer(args, b"send")
+    target = args.targets.encode()
+    sock.recv_multipart()  # the receiver is connected and ready
+    names = names_in(args.list)
+    started = time.time()
+    for name in names:
+        with open(os.path.join(args.file, name), "rb") as source:
+            data = source.read()
+        sock.send_multipart([target, name.encode(), data], copy=False)
+        sock.recv_multipart()  # the receiver wrote it
+    report(start=started, end=time.time(), items=len(names))
+    sys.stdin.read()
+
+
+def role_bare_push_recv(args) -> None:
+    sock = bare_peer(args, args.name.encode())
+    sock.send_multipart([b"send", b"ready"])
+    for _ in range(args.count):
+        sender, name, data = sock.recv_multipart(copy=False)
+        write_copy(args.dest, name.bytes.decode(), data.buffer)
+        sock.send_multipart([sender, b"ok"])
+    report(items=args.count)
+    sys.stdin.read()  # stay connected until the sender saw the last acknowledgement
+
+
+def role_bare_echo(args) -> None:
+    sock = bare_peer(args, b"echo")
+    print("READY", flush=True)
+    while True:  # until the coordinator stops it
+        sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+
+
+def role_bare_ping(args) -> None:
+    sock = bare_peer(args, b"ping")
+    payload = os.urandom(PING_SIZE)
+    ok = 0
+    for number in range(PING_WARMUP + args.count):
+        if number == PING_WARMUP:
+            started = time.time()
+        sock.send_multipart([b"echo", payload])
+        _sender, answer = sock.recv_multipart()
+        ok += answer == payload
+    report(start=started, end=time.time(), items=ok - PING_WARMUP)
+
+
+def role_cell_echo(args) -> None:
+    from fedstream.nodes import Cell
+
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        cell.register_request_cb("bench", "echo", lambda message: message.payload)
+        print("READY", flush=True)
+        wait_for_term()
+
+
+def role_cell_ping(args) -> None:
+    from fedstream.nodes import Cell
+
+    payload = os.urandom(PING_SIZE)
+    ok = 0
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        for number in range(PING_WARMUP + args.count):
+            if number == PING_WARMUP:
+                started = time.time()
+            ok += cell.request("bench", "echo", args.targets, payload, timeout=10.0).payload == payload
+        ended = time.time()
+    report(start=started, end=ended, items=ok - PING_WARMUP)
+
 
 ROLES = {
     "relay": role_relay, "relay-recv": role_relay_recv, "relay-send": role_relay_send,
     "fan-pub": role_fan_pub, "fan-sub": role_fan_sub,
     "pull-owner": role_pull_owner, "pull-recv": role_pull_recv,
     "push-owner": role_push_owner, "push-recv": role_push_recv,
+    "pull-files-owner": role_pull_files_owner, "pull-files-recv": role_pull_files_recv,
+    "push-files-owner": role_push_files_owner, "push-files-recv": role_push_files_recv,
+    "bare-files-owner": role_bare_files_owner, "bare-files-recv": role_bare_files_recv,
+    "bare-push-send": role_bare_push_send, "bare-push-recv": role_bare_push_recv,
+    "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo, "cell-ping": role_cell_ping,
 }
 
 
@@ -346,8 +545,17 @@ class Run:
         self.children: list[Child] = []
         self.seconds = 0.0
         self.mbps = 0.0
+        self.items = 0  # --small: files moved or round trips made
+        self.rate = 0.0  # ... per second
+        self.ms = 0.0  # ... milliseconds each
         self.verified = False
         self.notes: list[str] = []
+
+    def progress(self) -> str:
+        """What the coordinator prints when the run ended."""
+        if self.items:
+            return f"{self.rate:.0f}/s, {self.ms:.3f} ms each, in {self.seconds:.2f} s, verified: {self.verified}"
+        return f"{self.mbps:.0f} MB/s in {self.seconds:.2f} s, verified: {self.verified}"
 
     def start(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> Child:
         child = Child(label, role, *args, cmd=cmd, log_dir=self.log_dir)
@@ -368,13 +576,19 @@ class Run:
 
 
 class Bench:
-    def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path) -> None:
+    def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path, small: bool = False,
+                 files: int = 1000, push_files: int = 200, round_trips: int = 2000) -> None:
         self.size = size
         self.recipients = recipients
         self.chunk_size = chunk_size
         self.workdir = workdir
         self.source = workdir / "source.bin"
         self.digest = ""
+        self.small = small
+        self.files = files
+        self.push_files = push_files
+        self.round_trips = round_trips
+        self.expected: dict[str, dict[str, str]] = {}  # --small: "pull"/"push" -> file name -> sha256
         self.rounds: list[dict[str, Run]] = []  # one dict per round of the plan (--repeat)
         self.runs: dict[str, Run] = {}  # the round being run
 
@@ -397,6 +611,26 @@ class Bench:
                 remaining -= n
         self.digest = file_digest(str(self.source))
 
+    def make_small(self) -> None:
+        """--small: the files to pull and to push, their name lists (pull.json, push.json) and sha256s."""
+        for kind, count, size in (("pull", self.files, PULL_FILE_SIZE), ("push", self.push_files, PUSH_FILE_SIZE)):
+            folder = self.small_dir(kind)
+            folder.mkdir(parents=True)
+            digests = self.expected[kind] = {}
+            for number in range(count):
+                name = f"{kind}{number:05d}.bin"
+                data = os.urandom(size)
+                (folder / name).write_bytes(data)
+                digests[name] = hashlib.sha256(data).hexdigest()
+            (self.workdir / f"{kind}.json").write_text(json.dumps(list(digests)))
+
+    def small_dir(self, kind: str) -> Path:
+        return self.workdir / f"{kind}-source"
+
+    def small_args(self, kind: str) -> list[str]:
+        """Child arguments naming the source folder of `kind` and the list of its files."""
+        return ["--file", str(self.small_dir(kind)), "--list", str(self.workdir / f"{kind}.json")]
+
     def dest(self, run: str, site: str) -> Path:
         path = self.workdir / run / site
         path.mkdir(parents=True, exist_ok=True)
@@ -413,6 +647,25 @@ class Bench:
         run.seconds = max(end - start, 1e-9)
         run.mbps = self.size * run.recipients / run.seconds / MB
         self.runs[run.name] = run
+
+    def finish_items(self, run: Run, start: float, end: float, items: int) -> None:
+        """--small: record `items` files moved or round trips made between `start` and `end`."""
+        run.seconds = max(end - start, 1e-9)
+        run.items = items
+        run.rate = items / run.seconds
+        run.ms = 1000 * run.seconds / max(items, 1)
+        self.runs[run.name] = run
+
+    def verify_files(self, run: Run, dest: Path, kind: str) -> None:
+        """--small: every file of `kind` arrived in `dest` under its name with its sha256, and nothing else."""
+        expected = self.expected[kind]
+        present = os.listdir(dest)
+        good = sum(1 for name in present
+                   if name in expected and hashlib.sha256((dest / name).read_bytes()).hexdigest() == expected[name])
+        run.verified = good == len(expected) == len(present)
+        if not run.verified:
+            run.notes.append(f"{good} of {len(expected)} files verified; {len(present)} files in the destination")
+        shutil.rmtree(self.workdir / run.name, ignore_errors=True)
 
     # -- baselines -----------------------------------------------------------------------
     def bare_relay(self, n: int) -> Run:
@@ -524,6 +777,124 @@ class Bench:
         return run
 
 
+    # -- small files and round trips (--small) -------------------------------------------
+    def bare_pull_small(self) -> Run:
+        run = Run("bare pull files", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            owner = run.start("owner", "bare-files-owner", "--connect", address, *self.small_args("pull"))
+            owner.line("READY")
+            dest = self.dest(run.name, "recv0")
+            receiver = run.start("recv0", "bare-files-recv", "--connect", address, "--name", "recv0",
+                                 "--dest", str(dest), *self.small_args("pull"))
+            result = receiver.finish()
+            owner.stop()
+            relay.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            self.verify_files(run, dest, "pull")
+        finally:
+            run.close()
+        return run
+
+    def pull_small(self) -> Run:
+        run = Run("pull files", 1, self.workdir)
+        refs = self.workdir / "refs.json"
+        try:
+            broker, address = self.start_broker(run, [])
+            owner = run.start("owner", "pull-files-owner", "--connect", address, "--ref", str(refs),
+                              *self.small_args("pull"))
+            owner.line("RIDS", 300)
+            dest = self.dest(run.name, "site-1")
+            receiver = run.start("site-1", "pull-files-recv", "--connect", address, "--name", "site-1",
+                                 "--ref", str(refs), "--dest", str(dest))
+            result = receiver.finish()
+            owner.finish()
+            broker.stop()
+            if result["failed"]:
+                run.notes.append(f"{result['failed']} downloads failed, e.g. {result['errors'][0]}")
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            self.verify_files(run, dest, "pull")
+        finally:
+            run.close()
+        return run
+
+    def bare_push_small(self) -> Run:
+        run = Run("bare push files", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            dest = self.dest(run.name, "recv0")
+            receiver = run.start("recv0", "bare-push-recv", "--connect", address, "--name", "recv0",
+                                 "--count", str(self.push_files), "--dest", str(dest))
+            sender = run.start("sender", "bare-push-send", "--connect", address, "--targets", "recv0",
+                               *self.small_args("push"))
+            sent = sender.result_line()
+            receiver.finish()
+            sender.release()
+            relay.stop()
+            self.finish_items(run, sent["start"], sent["end"], sent["items"])
+            self.verify_files(run, dest, "push")
+        finally:
+            run.close()
+        return run
+
+    def push_small(self) -> Run:
+        run = Run("push files", 1, self.workdir)
+        try:
+            broker, address = self.start_broker(run, [])
+            dest = self.dest(run.name, "site-1")
+            receiver = run.start("site-1", "push-files-recv", "--connect", address, "--name", "site-1",
+                                 "--count", str(self.push_files), "--dest", str(dest))
+            receiver.line("READY")
+            owner = run.start("owner", "push-files-owner", "--connect", address, "--targets", "site-1",
+                              *self.small_args("push"))
+            sent = owner.finish()
+            receiver.finish()
+            broker.stop()
+            if sent["failed"]:
+                run.notes.append(f"{sent['failed']} pushes failed, e.g. {sent['errors'][0]}")
+            self.finish_items(run, sent["start"], sent["end"], self.push_files - sent["failed"])
+            self.verify_files(run, dest, "push")
+        finally:
+            run.close()
+        return run
+
+    def bare_round_trips(self) -> Run:
+        run = Run("bare round trips", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            echo = run.start("echo", "bare-echo", "--connect", address)
+            echo.line("READY")
+            ping = run.start("ping", "bare-ping", "--connect", address, "--count", str(self.round_trips))
+            result = ping.finish()
+            echo.stop()
+            relay.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            run.verified = result["items"] == self.round_trips
+        finally:
+            run.close()
+        return run
+
+    def cell_round_trips(self) -> Run:
+        run = Run("cell round trips", 1, self.workdir)
+        try:
+            broker, address = self.start_broker(run, [])
+            echo = run.start("site-1", "cell-echo", "--connect", address, "--name", "site-1")
+            echo.line("READY")
+            ping = run.start("server", "cell-ping", "--connect", address, "--targets", "site-1",
+                             "--count", str(self.round_trips))
+            result = ping.finish()
+            echo.stop()
+            broker.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            run.verified = result["items"] == self.round_trips
+        finally:
+            run.close()
+        return run
+
+
 def spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
     """A figure over the rounds: the value itself for one round, else 'median [min-max]'."""
     if len(values) == 1:
@@ -573,28 +944,30 @@ def merged_notes(bench: Bench, name: str) -> list[str]:
 
 def print_runs(bench: Bench) -> None:
     """The table of runs: each run as measured (one round), or its median and range over the rounds."""
-    if len(bench.rounds) == 1:
-        header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'per process: peak RSS MiB / CPU seconds'}"
-        print(header)
-        print("-" * len(header))
-        for run in bench.runs.values():
-            print(f"{run.name:<16}{run.mbps:>9.0f}{run.seconds:>9.2f}  {'yes' if run.verified else 'NO':<9}"
-                  f"{run.rss_summary()}")
-            for note in run.notes:
-                print(f"{'':<16}  {note}")
-        return
-    header = (f"{'run':<16}{'MB/s median [min-max]':>22}{'seconds':>9}  {'verified':<9}"
-              f"per process: peak RSS MiB (largest) / CPU seconds (median)")
+    rounds = len(bench.rounds)
+    name_width = 18 if bench.small else 16
+    figure = "per s" if bench.small else "MB/s"
+    figure_width = 9 if rounds == 1 else 24
+    if rounds > 1:
+        figure += " median [min-max]"
+    each = f"{'ms each':>9}" if bench.small else ""
+    processes = ("per process: peak RSS MiB / CPU seconds" if rounds == 1
+                 else "per process: peak RSS MiB (largest) / CPU seconds (median)")
+    header = f"{'run':<{name_width}}{figure:>{figure_width}}{each}{'seconds':>9}  {'verified':<9}{processes}"
     print(header)
     print("-" * len(header))
     for name in run_names(bench):
         series = bench.series(name)
-        verified = sum(run.verified for run in series)
-        print(f"{name:<16}{spread([r.mbps for r in series]):>22}"
-              f"{statistics.median(r.seconds for r in series):>9.2f}  {verified}/{len(bench.rounds):<7}"
-              f"{merged_summary(series)}")
+        values = [run.rate if bench.small else run.mbps for run in series]
+        each = f"{statistics.median(run.ms for run in series):>9.3f}" if bench.small else ""
+        if rounds == 1:
+            verified, summary = ("yes" if series[0].verified else "NO"), series[0].rss_summary()
+        else:
+            verified, summary = f"{sum(run.verified for run in series)}/{rounds}", merged_summary(series)
+        print(f"{name:<{name_width}}{spread(values):>{figure_width}}{each}"
+              f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{summary}")
         for note in merged_notes(bench, name):
-            print(f"{'':<16}  {note}")
+            print(f"{'':<{name_width}}  {note}")
 
 
 def print_report(bench: Bench) -> bool:
@@ -602,22 +975,34 @@ def print_report(bench: Bench) -> bool:
     n = bench.recipients
     rounds = len(bench.rounds)
     print()
-    print(f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
-          f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
+    if bench.small:
+        title = (f"fedstream bench --small: pull {bench.files} files of {format_size(PULL_FILE_SIZE)}, "
+                 f"push {bench.push_files} files of {format_size(PUSH_FILE_SIZE)}, {bench.round_trips} round trips "
+                 f"of {PING_SIZE} B")
+    else:
+        title = f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks"
+    print(f"{title}, {os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
           + (f", {rounds} rounds (cases interleaved; ratios paired within a round)" if rounds > 1 else ""))
     print_runs(bench)
     print()
-    checks = [
-        ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", "pull 1", "bare relay 1", "mbps"),
-        (f"pull {n} vs bare relay {n} (aggregate throughput)", f"pull {n}", f"bare relay {n}", "mbps"),
-        ("push 1 vs bare relay 1 (throughput)", "push 1", "bare relay 1", "mbps"),
-        (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)", f"push {n}", f"bare relay {n}",
-         "mbps"),
-        (f"push {n} vs bare fan-out {n} (aggregate throughput)", f"push {n}", f"bare fan-out {n}", "mbps"),
-        (f"push {n} wall time vs push 1 (budget <= 1.5x)", f"push {n}", "push 1", "seconds"),
-        (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)", f"bare fan-out {n}",
-         "bare fan-out 1", "seconds"),
-    ]
+    if bench.small:
+        checks = [
+            ("pull per file vs bare (target <= 2x)", "pull files", "bare pull files", "ms"),
+            ("push per file vs bare (target <= 2x)", "push files", "bare push files", "ms"),
+            ("request/reply vs bare (target >= 0.7x)", "cell round trips", "bare round trips", "rate"),
+        ]
+    else:
+        checks = [
+            ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", "pull 1", "bare relay 1", "mbps"),
+            (f"pull {n} vs bare relay {n} (aggregate throughput)", f"pull {n}", f"bare relay {n}", "mbps"),
+            ("push 1 vs bare relay 1 (throughput)", "push 1", "bare relay 1", "mbps"),
+            (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)", f"push {n}",
+             f"bare relay {n}", "mbps"),
+            (f"push {n} vs bare fan-out {n} (aggregate throughput)", f"push {n}", f"bare fan-out {n}", "mbps"),
+            (f"push {n} wall time vs push 1 (budget <= 1.5x)", f"push {n}", "push 1", "seconds"),
+            (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)", f"bare fan-out {n}",
+             "bare fan-out 1", "seconds"),
+        ]
     if "pull 1 secure" in runs or f"push {n} secure" in runs:
         checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)", "pull 1 secure", "pull 1", "mbps"),
                    (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)", f"push {n} secure",
@@ -627,8 +1012,8 @@ def print_report(bench: Bench) -> bool:
         print(f"{'ratio':<70}{'median [min-max]':>{width}}")
     for label, a, b, attr in checks:
         print(f"{label:<70}{ratio(bench, a, b, attr):>{width}}")
-    peak = max((run.max_rss() for runs in bench.rounds for run in runs.values()
-                if run.name.startswith(("pull", "push"))), default=0)
+    peak = max((run.max_rss() for runs in bench.rounds for run in runs.values() if not run.name.startswith("bare")),
+               default=0)
     print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>{width - 1}.0f}M")
     return all(run.verified for runs in bench.rounds for run in runs.values())
 
@@ -641,17 +1026,26 @@ def main() -> int:
     parser.add_argument("--chunk-size", default="1M")
     parser.add_argument("--workdir", help="where to put the files (default: a temp dir, removed)")
     parser.add_argument("--secure", action="store_true", help="also run pull 1 and push N with kits (CURVE)")
+    parser.add_argument("--small", action="store_true",
+                        help="per-file cost: many small files by pull and push, and request/reply round trips")
+    parser.add_argument("--files", type=int, default=1000, metavar="N",
+                        help="--small: files of 16 KiB to pull (default 1000)")
+    parser.add_argument("--push-files", type=int, default=200, metavar="N",
+                        help="--small: files of 64 KiB to push (default 200)")
+    parser.add_argument("--round-trips", type=int, default=2000, metavar="N",
+                        help="--small: request/reply round trips (default 2000)")
     parser.add_argument("--repeat", type=int, default=1, metavar="K",
                         help="run the plan K times, cases interleaved; report medians and ranges (default 1)")
     # child roles
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
-    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits"):
+    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits", "--list"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.chunk_size = parse_size(args.chunk_size)
-    if args.repeat < 1:
-        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    for flag in ("repeat", "files", "push_files", "round_trips"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.role:
         ROLES[args.role](args)
         return 0
@@ -659,16 +1053,24 @@ def main() -> int:
     size = parse_size("64M") if args.quick else parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="fedstream-bench-", dir=args.workdir))
     try:
-        bench = Bench(size, args.recipients, args.chunk_size, workdir)
-        print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
-        bench.make_source()
+        bench = Bench(size, args.recipients, args.chunk_size, workdir, small=args.small, files=args.files,
+                      push_files=args.push_files, round_trips=args.round_trips)
         n = args.recipients
-        plan = [("bare relay 1", lambda: bench.bare_relay(1)), ("pull 1", lambda: bench.pull(1)),
-                ("bare fan-out 1", lambda: bench.bare_fanout(1)), ("push 1", lambda: bench.push(1)),
-                (f"bare relay {n}", lambda: bench.bare_relay(n)),
-                (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
-                (f"push {n}", lambda: bench.push(n))]
-        if args.secure:
+        if args.small:
+            print(f"writing {args.files} + {args.push_files} small source files in {workdir} ...", flush=True)
+            bench.make_small()
+            plan = [("bare pull files", bench.bare_pull_small), ("pull files", bench.pull_small),
+                    ("bare push files", bench.bare_push_small), ("push files", bench.push_small),
+                    ("bare round trips", bench.bare_round_trips), ("cell round trips", bench.cell_round_trips)]
+        else:
+            print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
+            bench.make_source()
+            plan = [("bare relay 1", lambda: bench.bare_relay(1)), ("pull 1", lambda: bench.pull(1)),
+                    ("bare fan-out 1", lambda: bench.bare_fanout(1)), ("push 1", lambda: bench.push(1)),
+                    (f"bare relay {n}", lambda: bench.bare_relay(n)),
+                    (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
+                    (f"push {n}", lambda: bench.push(n))]
+        if args.secure and not args.small:
             plan += [("pull 1 secure", lambda: bench.pull(1, secure=True)),
                      (f"push {n} secure", lambda: bench.push(n, secure=True))]
         failed = []
@@ -683,7 +1085,7 @@ def main() -> int:
                     print(f"  {label} failed: {exc}", flush=True)
                     failed.append(label)
                     continue
-                print(f"  {run.mbps:.0f} MB/s in {run.seconds:.2f} s, verified: {run.verified}", flush=True)
+                print(f"  {run.progress()}", flush=True)
         return 0 if print_report(bench) and not failed else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
