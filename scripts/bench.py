@@ -18,17 +18,20 @@ every process, and what the push owner sent over the network relative to the fil
 """
 
 import argparse
+import asyncio
 import hashlib
 import json
 import os
 import queue
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -50,6 +53,8 @@ PULL_FILE_SIZE = 16 << 10  # --small: the size of each pulled file
 PUSH_FILE_SIZE = 64 << 10  # --small: the size of each pushed file
 PING_SIZE = 64  # --small: the payload of a request/reply round trip
 PING_WARMUP = 50  # round trips before the clock starts
+PROXY_READ = 256 << 10  # --rtt: bytes the delay proxy reads at once
+PROXY_HELD = 256  # --rtt: reads held per direction (at most 64 MiB waiting for their time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +455,65 @@ def role_cell_ping(args) -> None:
     report(start=started, end=ended, items=ok - PING_WARMUP)
 
 
+# -- delay proxy (--rtt) -----------------------------------------------------------------------
+async def delay_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy bytes from `reader` to `writer`, each read delivered `delay` s after it arrived, in order.
+
+    Nothing limits the bandwidth but the proxy's own speed; at most PROXY_HELD reads wait, then
+    reading pauses (TCP pushes back on the sender). When either side ends, the writer is closed.
+    """
+    loop = asyncio.get_running_loop()
+    held: "asyncio.Queue[Optional[tuple[float, bytes]]]" = asyncio.Queue(PROXY_HELD)
+
+    async def deliver() -> None:
+        broken = False
+        while (item := await held.get()) is not None:
+            if broken:  # keep taking reads so that the reading side never waits forever
+                continue
+            due, data = item
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                writer.write(data)
+                await writer.drain()
+            except (ConnectionError, OSError):
+                broken = True
+
+    writer.transport.set_write_buffer_limits(high=PROXY_READ * 4)
+    delivery = asyncio.create_task(deliver())
+    try:
+        while data := await reader.read(PROXY_READ):
+            await held.put((loop.time() + delay, data))
+    except (ConnectionError, OSError):
+        pass
+    await held.put(None)
+    await delivery
+    writer.close()
+
+
+def role_delay_proxy(args) -> None:
+    """Listen on a free port; forward each connection to --connect, delaying each direction by --delay ms."""
+    host, port = args.connect.removeprefix("tcp://").rsplit(":", 1)
+    delay = float(args.delay) / 1000
+
+    async def link(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port), limit=PROXY_READ)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(delay_pipe(client_reader, upstream_writer, delay),
+                             delay_pipe(upstream_reader, client_writer, delay))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(link, "127.0.0.1", 0, limit=PROXY_READ)
+        print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: (report(), os._exit(0)))
+    asyncio.run(serve())
+
+
 ROLES = {
     "relay": role_relay, "relay-recv": role_relay_recv, "relay-send": role_relay_send,
     "fan-pub": role_fan_pub, "fan-sub": role_fan_sub,
@@ -460,12 +524,25 @@ ROLES = {
     "bare-files-owner": role_bare_files_owner, "bare-files-recv": role_bare_files_recv,
     "bare-push-send": role_bare_push_send, "bare-push-recv": role_bare_push_recv,
     "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo, "cell-ping": role_cell_ping,
+    "delay-proxy": role_delay_proxy,
 }
 
 
 # --------------------------------------------------------------------------------------------
 # coordinator
 # --------------------------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    """`count` distinct tcp ports free on 127.0.0.1 just now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class Child:
     """A role running in its own process."""
 
@@ -564,6 +641,8 @@ class Run:
 
     def close(self) -> None:
         for child in self.children:
+            if child.label.startswith("proxy") and child.proc.poll() is None:
+                child.stop()  # its peak RSS and CPU seconds are shown with the run's
             child.kill()
 
     def rss_summary(self) -> str:
@@ -572,7 +651,8 @@ class Run:
         return ", ".join(parts)
 
     def max_rss(self) -> int:
-        return max((c.result.get("rss") or 0) for c in self.children)
+        """The largest peak RSS of the run's processes, the bench's delay proxies left out."""
+        return max((c.result.get("rss") or 0) for c in self.children if not c.label.startswith("proxy"))
 
 
 class Bench:
@@ -589,6 +669,8 @@ class Bench:
         self.push_files = push_files
         self.round_trips = round_trips
         self.expected: dict[str, dict[str, str]] = {}  # --small: "pull"/"push" -> file name -> sha256
+        self.rtts: list[float] = []  # --rtt: the round trips measured, in ms
+        self.rtt: Optional[float] = None  # --rtt: the round trip of the runs being made, or None: no proxies
         self.rounds: list[dict[str, Run]] = []  # one dict per round of the plan (--repeat)
         self.runs: dict[str, Run] = {}  # the round being run
 
@@ -600,6 +682,25 @@ class Bench:
     def series(self, name: str) -> list[Run]:
         """The runs called `name`, one per round that completed it."""
         return [runs[name] for runs in self.rounds if name in runs]
+
+    def at_rtt(self, rtt: float, step, *args) -> Run:
+        """Run `step(*args)` with every node (and bare peer) reaching the broker (relay) through delay proxies."""
+        self.rtt = rtt
+        try:
+            return step(*args)
+        finally:
+            self.rtt = None
+
+    def tagged(self, name: str) -> str:
+        """A run's name, with the round trip it was made at in an --rtt run."""
+        return name if self.rtt is None else f"{name} @{self.rtt:g}ms"
+
+    def through_proxy(self, run: Run, label: str, port: int) -> int:
+        """The port to connect to for 127.0.0.1:`port`: a delay proxy's in an --rtt run, else `port` itself."""
+        if self.rtt is None:
+            return port
+        proxy = run.start(label, "delay-proxy", "--connect", f"tcp://127.0.0.1:{port}", "--delay", str(self.rtt / 2))
+        return int(proxy.line("PORT "))
 
     def make_source(self) -> None:
         block = 1 << 20
@@ -669,10 +770,10 @@ class Bench:
 
     # -- baselines -----------------------------------------------------------------------
     def bare_relay(self, n: int) -> Run:
-        run = Run(f"bare relay {n}", n, self.workdir)
+        run = Run(self.tagged(f"bare relay {n}"), n, self.workdir)
         try:
             relay = run.start("relay", "relay")
-            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            address = f"tcp://127.0.0.1:{self.through_proxy(run, 'proxy', int(relay.line('PORT ')))}"
             names = [f"recv{i}" for i in range(n)]
             dests = [self.dest(run.name, name) / "copy.bin" for name in names]
             receivers = [run.start(name, "relay-recv", "--connect", address, "--name", name, "--dest", str(d))
@@ -718,16 +819,30 @@ class Bench:
         provision(project, ["broker", "server"] + [f"site-{i + 1}" for i in range(self.recipients)])
         return ["--kits", str(project)]
 
-    @staticmethod
-    def start_broker(run: Run, kits: list[str]) -> tuple[Child, str]:
-        """A `fedstream broker` process on free ports (with the broker kit in a secure run), and its address."""
+    def start_broker(self, run: Run, kits: list[str]) -> tuple[Child, str]:
+        """A `fedstream broker` process on free ports (with the broker kit in a secure run), and its address.
+
+        In an --rtt run each of its three ports (messages, fan-out in, fan-out out) gets a delay
+        proxy; the broker advertises the proxied fan-out ports, and the address returned is the
+        proxied message port, so every node reaches every broker port through a proxy.
+        """
         secure = ["--kit", os.path.join(kits[1], "broker")] if kits else []
-        broker = run.start("broker", "", cmd=[sys.executable, "-m", "fedstream.nodes", "broker", "--bind",
-                                               "tcp://127.0.0.1:0", *secure])
-        return broker, "tcp://" + broker.line("tcp://", 30)
+        command = [sys.executable, "-m", "fedstream.nodes", "broker"]
+        if self.rtt is None:
+            broker = run.start("broker", "", cmd=[*command, "--bind", "tcp://127.0.0.1:0", *secure])
+            return broker, "tcp://" + broker.line("tcp://", 30)
+        ports = free_ports(3)
+        proxied = [self.through_proxy(run, label, port)
+                   for label, port in zip(("proxy", "proxy-in", "proxy-out"), ports)]
+        broker = run.start("broker", "", cmd=[
+            *command, "--bind", f"tcp://127.0.0.1:{ports[0]}", "--fanout-in", f"tcp://127.0.0.1:{ports[1]}",
+            "--fanout-out", f"tcp://127.0.0.1:{ports[2]}", "--advertise-fanout-in", f"tcp://127.0.0.1:{proxied[1]}",
+            "--advertise-fanout-out", f"tcp://127.0.0.1:{proxied[2]}", *secure])
+        broker.line("tcp://", 30)
+        return broker, f"tcp://127.0.0.1:{proxied[0]}"
 
     def pull(self, n: int, secure: bool = False) -> Run:
-        run = Run(f"pull {n}" + (" secure" if secure else ""), n, self.workdir)
+        run = Run(self.tagged(f"pull {n}" + (" secure" if secure else "")), n, self.workdir)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -749,7 +864,7 @@ class Bench:
         return run
 
     def push(self, n: int, secure: bool = False) -> Run:
-        run = Run(f"push {n}" + (" secure" if secure else ""), n, self.workdir)
+        run = Run(self.tagged(f"push {n}" + (" secure" if secure else "")), n, self.workdir)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -945,7 +1060,7 @@ def merged_notes(bench: Bench, name: str) -> list[str]:
 def print_runs(bench: Bench) -> None:
     """The table of runs: each run as measured (one round), or its median and range over the rounds."""
     rounds = len(bench.rounds)
-    name_width = 18 if bench.small else 16
+    name_width = 20 if bench.rtts else 18 if bench.small else 16
     figure = "per s" if bench.small else "MB/s"
     figure_width = 9 if rounds == 1 else 24
     if rounds > 1:
@@ -970,12 +1085,38 @@ def print_runs(bench: Bench) -> None:
             print(f"{'':<{name_width}}  {note}")
 
 
+def print_rtt_table(bench: Bench) -> None:
+    """--rtt: pull 1, push 1 and the bare relay 1 at each round trip, and their ratios (paired per round)."""
+    rounds = len(bench.rounds)
+    width = 19 if rounds == 1 else 24
+    columns = ["bare relay 1", "pull 1", "push 1"]
+    header = (f"{'RTT ms':>7}" + "".join(f"{name + ' MB/s':>{width}}" for name in columns)
+              + f"{'pull 1 / bare':>{width}}{'push 1 / bare':>{width}}")
+    print(header + ("   (median [min-max] over the rounds)" if rounds > 1 else ""))
+    print("-" * len(header))
+    for rtt in bench.rtts:
+        names = [f"{name} @{rtt:g}ms" for name in columns]
+        figures = [spread([run.mbps for run in bench.series(name)]) if bench.series(name) else "n/a" for name in names]
+        ratios = [ratio(bench, names[1], names[0]), ratio(bench, names[2], names[0])]
+        print(f"{rtt:>7g}" + "".join(f"{text:>{width}}" for text in figures + ratios))
+    print(textwrap.fill(
+        "RTT: each node's round trip to the broker (the bare peers' to the relay), added by a delay proxy process "
+        "that holds every read for RTT/2 each way and keeps the order (it does not limit bandwidth, but its own speed "
+        "caps the transfer: compare the 0 ms row with a run without --rtt). Every broker port (messages, fan-out in, "
+        "fan-out out) has its own proxy and the broker advertises the proxied fan-out ports, so pushes cross the "
+        "proxies too. Node to node through the broker the round trip is 2 x RTT, so a transfer with a fixed window "
+        f"(the bare relay's {CREDIT_WINDOW} chunks, fedstream's own) moves at most window / (2 x RTT).", 100))
+
+
 def print_report(bench: Bench) -> bool:
     runs = bench.runs
     n = bench.recipients
     rounds = len(bench.rounds)
     print()
-    if bench.small:
+    if bench.rtts:
+        title = (f"fedstream bench --rtt: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
+                 f"round trips {', '.join(f'{rtt:g}' for rtt in bench.rtts)} ms")
+    elif bench.small:
         title = (f"fedstream bench --small: pull {bench.files} files of {format_size(PULL_FILE_SIZE)}, "
                  f"push {bench.push_files} files of {format_size(PUSH_FILE_SIZE)}, {bench.round_trips} round trips "
                  f"of {PING_SIZE} B")
@@ -985,7 +1126,11 @@ def print_report(bench: Bench) -> bool:
           + (f", {rounds} rounds (cases interleaved; ratios paired within a round)" if rounds > 1 else ""))
     print_runs(bench)
     print()
-    if bench.small:
+    if bench.rtts:
+        print_rtt_table(bench)
+        print()
+        checks = []
+    elif bench.small:
         checks = [
             ("pull per file vs bare (target <= 2x)", "pull files", "bare pull files", "ms"),
             ("push per file vs bare (target <= 2x)", "push files", "bare push files", "ms"),
@@ -1008,7 +1153,7 @@ def print_report(bench: Bench) -> bool:
                    (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)", f"push {n} secure",
                     f"push {n}", "mbps")]
     width = 8 if rounds == 1 else 20
-    if rounds > 1:
+    if rounds > 1 and checks:
         print(f"{'ratio':<70}{'median [min-max]':>{width}}")
     for label, a, b, attr in checks:
         print(f"{label:<70}{ratio(bench, a, b, attr):>{width}}")
@@ -1034,11 +1179,14 @@ def main() -> int:
                         help="--small: files of 64 KiB to push (default 200)")
     parser.add_argument("--round-trips", type=int, default=2000, metavar="N",
                         help="--small: request/reply round trips (default 2000)")
+    parser.add_argument("--rtt", metavar="MS[,MS...]",
+                        help="bare relay 1, pull 1 and push 1 with every node reaching the broker through a delay "
+                             "proxy adding this round trip, e.g. 0,20,50")
     parser.add_argument("--repeat", type=int, default=1, metavar="K",
                         help="run the plan K times, cases interleaved; report medians and ranges (default 1)")
     # child roles
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
-    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits", "--list"):
+    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits", "--list", "--delay"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1049,6 +1197,14 @@ def main() -> int:
     if args.role:
         ROLES[args.role](args)
         return 0
+    try:
+        rtts = [float(ms) for ms in args.rtt.split(",")] if args.rtt else []
+    except ValueError:
+        parser.error(f"--rtt takes round trips in ms separated by commas, got {args.rtt!r}")
+    if any(ms < 0 for ms in rtts):
+        parser.error(f"--rtt round trips cannot be negative, got {args.rtt!r}")
+    if rtts and (args.small or args.secure):
+        parser.error("--rtt runs its own plan; it does not combine with --small or --secure")
 
     size = parse_size("64M") if args.quick else parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="fedstream-bench-", dir=args.workdir))
@@ -1056,7 +1212,14 @@ def main() -> int:
         bench = Bench(size, args.recipients, args.chunk_size, workdir, small=args.small, files=args.files,
                       push_files=args.push_files, round_trips=args.round_trips)
         n = args.recipients
-        if args.small:
+        bench.rtts = rtts
+        if rtts:
+            print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
+            bench.make_source()
+            plan = [(f"{name} @{ms:g}ms", lambda ms=ms, step=step: bench.at_rtt(ms, step, 1))
+                    for ms in rtts for name, step in (("bare relay 1", bench.bare_relay), ("pull 1", bench.pull),
+                                                      ("push 1", bench.push))]
+        elif args.small:
             print(f"writing {args.files} + {args.push_files} small source files in {workdir} ...", flush=True)
             bench.make_small()
             plan = [("bare pull files", bench.bare_pull_small), ("pull files", bench.pull_small),
