@@ -12,9 +12,31 @@ fedstream runs: pull by 1 and N recipients, push to 1 and N recipients, through 
 `fedstream broker` process. Printed: MB/s, ratios to the matching baseline, peak RSS of
 every process, and what the push owner sent over the network relative to the file size.
 
-    python scripts/bench.py              # 1 GiB, 4 recipients
-    python scripts/bench.py --quick      # 64 MiB smoke run
-    python scripts/bench.py --secure     # also pull 1 and push N with kits (CURVE), and their ratios
+--repeat K runs the whole plan K times, the cases interleaved (round 1: every case, round 2:
+every case, ...), and prints each run's median and min-max over the rounds, and each ratio's
+median and min-max, the ratio taken per round between runs of the same round.
+
+--small measures the cost per file instead of bandwidth: one recipient pulls --files (1000)
+files of 16 KiB shared in one transaction, one `download_file` after the other; the owner
+pushes --push-files (200) files of 64 KiB one after the other (`send_file`); a Cell answers
+--round-trips (2000) small requests. Baselines: the same exchanges with bare pyzmq through the
+relay (DEALER -> ROUTER relay -> DEALER): per file a request and a reply carrying the data read
+from the file, written to a new file; per pushed file the data, written, then an acknowledgement;
+bare echo round trips. Every file is checked by name and sha256.
+
+--rtt MS[,MS...] runs bare relay 1, pull 1 and push 1 with every node (and bare peer) reaching
+the broker (relay) through a delay proxy of this script: an asyncio TCP forwarder that holds
+each read for MS/2 each way, in order, without a bandwidth limit. Each of the broker's three
+ports has its own proxy, and the broker is told (--advertise-fanout-in/-out) to announce the
+proxied fan-out ports, so pushes cross the proxies too. Printed: a table per round trip, and
+the bytes each proxy forwarded.
+
+    python scripts/bench.py                        # 1 GiB, 4 recipients
+    python scripts/bench.py --quick                # 64 MiB smoke run
+    python scripts/bench.py --secure               # also pull 1 and push N with kits (CURVE), and their ratios
+    python scripts/bench.py --repeat 3             # three interleaved rounds: medians and ranges
+    python scripts/bench.py --small --repeat 3     # per-file cost and request/reply against bare pyzmq
+    python scripts/bench.py --quick --rtt 0,20,50  # pull 1 and push 1 at 0, 20 and 50 ms round trips
 """
 
 import argparse
@@ -34,6 +56,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -456,7 +479,8 @@ def role_cell_ping(args) -> None:
 
 
 # -- delay proxy (--rtt) -----------------------------------------------------------------------
-async def delay_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+async def delay_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                     forwarded: Counter) -> None:
     """Copy bytes from `reader` to `writer`, each read delivered `delay` s after it arrived, in order.
 
     Nothing limits the bandwidth but the proxy's own speed; at most PROXY_HELD reads wait, then
@@ -478,6 +502,8 @@ async def delay_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 await writer.drain()
             except (ConnectionError, OSError):
                 broken = True
+            else:
+                forwarded["bytes"] += len(data)
 
     writer.transport.set_write_buffer_limits(high=PROXY_READ * 4)
     delivery = asyncio.create_task(deliver())
@@ -495,6 +521,7 @@ def role_delay_proxy(args) -> None:
     """Listen on a free port; forward each connection to --connect, delaying each direction by --delay ms."""
     host, port = args.connect.removeprefix("tcp://").rsplit(":", 1)
     delay = float(args.delay) / 1000
+    forwarded: Counter = Counter()
 
     async def link(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
@@ -502,15 +529,15 @@ def role_delay_proxy(args) -> None:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(delay_pipe(client_reader, upstream_writer, delay),
-                             delay_pipe(upstream_reader, client_writer, delay))
+        await asyncio.gather(delay_pipe(client_reader, upstream_writer, delay, forwarded),
+                             delay_pipe(upstream_reader, client_writer, delay, forwarded))
 
     async def serve() -> None:
         server = await asyncio.start_server(link, "127.0.0.1", 0, limit=PROXY_READ)
         print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
         await server.serve_forever()
 
-    signal.signal(signal.SIGTERM, lambda *_: (report(), os._exit(0)))
+    signal.signal(signal.SIGTERM, lambda *_: (report(forwarded=forwarded["bytes"]), os._exit(0)))
     asyncio.run(serve())
 
 
@@ -595,7 +622,7 @@ class Child:
         self.proc.wait(30)
 
     def stop(self) -> dict:
-        """Read a long-running process's peak RSS, then terminate it."""
+        """Read a long-running process's peak RSS, terminate it, and keep what it reported on its way out."""
         rss, cpu = peak_rss(self.proc.pid), cpu_seconds(self.proc.pid)
         self.proc.terminate()
         try:
@@ -603,7 +630,11 @@ class Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.result = {"rss": rss, "cpu": cpu}
+        try:
+            reported = json.loads(self.line("RESULT ", 2))
+        except (RuntimeError, ValueError):
+            reported = {}
+        self.result = {**reported, "rss": rss, "cpu": cpu}
         return self.result
 
     def kill(self) -> None:
@@ -640,9 +671,13 @@ class Run:
         return child
 
     def close(self) -> None:
+        proxies = [c for c in self.children if c.label.startswith("proxy") and c.proc.poll() is None]
+        for proxy in proxies:
+            proxy.stop()  # its peak RSS and CPU seconds are shown with the run's
+        if proxies:
+            self.notes.append("forwarded by the delay proxies: " + ", ".join(
+                f"{p.label} {p.result.get('forwarded', 0) / MB:.0f} MB" for p in proxies))
         for child in self.children:
-            if child.label.startswith("proxy") and child.proc.poll() is None:
-                child.stop()  # its peak RSS and CPU seconds are shown with the run's
             child.kill()
 
     def rss_summary(self) -> str:
