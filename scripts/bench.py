@@ -12,23 +12,51 @@ fedstream runs: pull by 1 and N recipients, push to 1 and N recipients, through 
 `fedstream broker` process. Printed: MB/s, ratios to the matching baseline, peak RSS of
 every process, and what the push owner sent over the network relative to the file size.
 
-    python scripts/bench.py              # 1 GiB, 4 recipients
-    python scripts/bench.py --quick      # 64 MiB smoke run
-    python scripts/bench.py --secure     # also pull 1 and push N with kits (CURVE), and their ratios
+--repeat K runs the whole plan K times, the cases interleaved (round 1: every case, round 2:
+every case, ...), and prints each run's median and min-max over the rounds, and each ratio's
+median and min-max, the ratio taken per round between runs of the same round.
+
+--small measures the cost per file instead of bandwidth: one recipient pulls --files (1000)
+files of 16 KiB shared in one transaction, one `download_file` after the other; the owner
+pushes --push-files (200) files of 64 KiB one after the other (`send_file`); a Cell answers
+--round-trips (2000) small requests. Baselines: the same exchanges with bare pyzmq through the
+relay (DEALER -> ROUTER relay -> DEALER): per file a request and a reply carrying the data read
+from the file, written to a new file; per pushed file the data, written, then an acknowledgement;
+bare echo round trips. Every file is checked by name and sha256.
+
+--rtt MS[,MS...] runs bare relay 1, pull 1 and push 1 with every node (and bare peer) reaching
+the broker (relay) through a delay proxy of this script: an asyncio TCP forwarder that holds
+each read for MS/2 each way, in order, without a bandwidth limit. Each of the broker's three
+ports has its own proxy, and the broker is told (--advertise-fanout-in/-out) to announce the
+proxied fan-out ports, so pushes cross the proxies too. Printed: a table per round trip, and
+the bytes each proxy forwarded.
+
+    python scripts/bench.py                        # 1 GiB, 4 recipients
+    python scripts/bench.py --quick                # 64 MiB smoke run
+    python scripts/bench.py --secure               # also pull 1 and push N with kits (CURVE), and their ratios
+    python scripts/bench.py --repeat 3             # three interleaved rounds: medians and ranges
+    python scripts/bench.py --small --repeat 3     # per-file cost and request/reply against bare pyzmq
+    python scripts/bench.py --quick --rtt 0,20,50  # pull 1 and push 1 at 0, 20 and 50 ms round trips
 """
 
 import argparse
+import asyncio
+import hashlib
 import json
 import os
 import queue
 import shutil
 import signal
+import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -44,6 +72,12 @@ from fedstream.nodes.simulate.procstats import cpu_seconds, io_counters, peak_rs
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
+PULL_FILE_SIZE = 16 << 10  # --small: the size of each pulled file
+PUSH_FILE_SIZE = 64 << 10  # --small: the size of each pushed file
+PING_SIZE = 64  # --small: the payload of a request/reply round trip
+PING_WARMUP = 50  # round trips before the clock starts
+PROXY_READ = 256 << 10  # --rtt: bytes the delay proxy reads at once
+PROXY_HELD = 256  # --rtt: reads held per direction (at most 64 MiB waiting for their time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,18 +288,288 @@ def role_push_owner(args) -> None:
     report(start=started, end=ended, rc=str(result.rc), ok=result.ok, error=result.error,
            published=result.bytes_published, repaired=result.bytes_repaired, read=read)
 
+# -- small files and round trips (--small) ---------------------------------------------------
+def names_in(path: str) -> list[str]:
+    """The JSON list of names (file names or RIDs) the coordinator or an owner wrote to `path`."""
+    with open(path) as names:
+        return json.load(names)
+
+
+def write_copy(dest: str, name: str, data) -> None:
+    """Write `data` to a new file `name` in `dest` (what the bare receivers do per file)."""
+    with open(os.path.join(dest, name), "wb") as out:
+        out.write(data)
+
+
+def role_pull_files_owner(args) -> None:
+    from fedstream.nodes import Cell, FileDownloader
+
+    names = names_in(args.list)
+    finished = []
+    all_done = threading.Event()
+
+    def downloaded(ref_id, to_site, status, file_name):
+        finished.append(str(status))
+        if len(finished) == len(names):
+            all_done.set()
+
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        tx = FileDownloader.new_transaction(cell, timeout=60.0, timeout_cb=lambda *a, **k: all_done.set())
+        refs = [FileDownloader.add_file(tx, os.path.join(args.file, name), file_downloaded_cb=downloaded)
+                for name in names]
+        with open(args.ref, "w") as out:
+            json.dump(refs, out)
+        print("RIDS", flush=True)
+        all_done.wait(3600)
+        FileDownloader.delete_transaction(tx)
+    report(statuses=sorted(set(finished)), downloaded=len(finished))
+
+
+def role_pull_files_recv(args) -> None:
+    from fedstream.nodes import Cell, download_file
+
+    refs = names_in(args.ref)
+    errors = []
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        started = time.time()
+        for ref in refs:
+            error, _path = download_file("server", ref, 30.0, cell, location=args.dest)
+            if error:
+                errors.append(error)
+        ended = time.time()
+    report(start=started, end=ended, items=len(refs) - len(errors), errors=errors[:3], failed=len(errors))
+
+
+def role_push_files_recv(args) -> None:
+    from fedstream.nodes import Cell, FileStreamer, FLContext
+
+    done = threading.Event()
+    outcome: dict = {"ok": 0, "failed": []}
+
+    def stream_done(stream_ctx, fl_ctx):
+        rc = str(FileStreamer.get_rc(stream_ctx))
+        if FileStreamer.get_file_location(stream_ctx):
+            outcome["ok"] += 1
+        else:
+            outcome["failed"].append(rc)
+        if outcome["ok"] + len(outcome["failed"]) == args.count:
+            outcome["end"] = time.time()
+            done.set()
+
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        FileStreamer.register_stream_processing(FLContext(cell), "bench", "file", dest_dir=args.dest,
+                                                stream_done_cb=stream_done)
+        print("READY", flush=True)
+        done.wait(3600)
+    report(**outcome)
+
+
+def role_push_files_owner(args) -> None:
+    from fedstream.nodes import Cell
+    from fedstream.nodes.push.sender import send_file
+
+    errors = []
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        started = time.time()
+        for name in names_in(args.list):
+            result = send_file(cell, "bench", "file", {}, [args.targets], os.path.join(args.file, name))
+            if not result.ok:
+                errors.append(f"{result.rc}: {result.error}")
+        ended = time.time()
+    report(start=started, end=ended, errors=errors[:3], failed=len(errors))
+
+
+def bare_peer(args, identity: bytes) -> zmq.Socket:
+    """A DEALER named `identity` connected to the bare relay, which it greeted (so messages to it flow)."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(args.connect)
+    sock.send_multipart([b"relay", b"hello"])
+    return sock
+
+
+def role_bare_files_owner(args) -> None:
+    sock = bare_peer(args, b"owner")
+    print("READY", flush=True)
+    while True:  # until the coordinator stops it
+        sender, name = sock.recv_multipart()
+        with open(os.path.join(args.file, name.decode()), "rb") as source:
+            data = source.read()
+        sock.send_multipart([sender, name, data], copy=False)
+
+
+def role_bare_files_recv(args) -> None:
+    sock = bare_peer(args, args.name.encode())
+    names = names_in(args.list)
+    started = time.time()
+    for name in names:
+        sock.send_multipart([b"owner", name.encode()])
+        _sender, got, data = sock.recv_multipart(copy=False)
+        write_copy(args.dest, got.bytes.decode(), data.buffer)
+    report(start=started, end=time.time(), items=len(names))
+
+
+def role_bare_push_send(args) -> None:
+    sock = bare_peer(args, b"send")
+    target = args.targets.encode()
+    sock.recv_multipart()  # the receiver is connected and ready
+    names = names_in(args.list)
+    started = time.time()
+    for name in names:
+        with open(os.path.join(args.file, name), "rb") as source:
+            data = source.read()
+        sock.send_multipart([target, name.encode(), data], copy=False)
+        sock.recv_multipart()  # the receiver wrote it
+    report(start=started, end=time.time(), items=len(names))
+    sys.stdin.read()
+
+
+def role_bare_push_recv(args) -> None:
+    sock = bare_peer(args, args.name.encode())
+    sock.send_multipart([b"send", b"ready"])
+    for _ in range(args.count):
+        sender, name, data = sock.recv_multipart(copy=False)
+        write_copy(args.dest, name.bytes.decode(), data.buffer)
+        sock.send_multipart([sender, b"ok"])
+    report(items=args.count)
+    sys.stdin.read()  # stay connected until the sender saw the last acknowledgement
+
+
+def role_bare_echo(args) -> None:
+    sock = bare_peer(args, b"echo")
+    print("READY", flush=True)
+    while True:  # until the coordinator stops it
+        sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+
+
+def role_bare_ping(args) -> None:
+    sock = bare_peer(args, b"ping")
+    payload = os.urandom(PING_SIZE)
+    ok = 0
+    for number in range(PING_WARMUP + args.count):
+        if number == PING_WARMUP:
+            started = time.time()
+        sock.send_multipart([b"echo", payload])
+        _sender, answer = sock.recv_multipart()
+        ok += answer == payload
+    report(start=started, end=time.time(), items=ok - PING_WARMUP)
+
+
+def role_cell_echo(args) -> None:
+    from fedstream.nodes import Cell
+
+    with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
+        cell.register_request_cb("bench", "echo", lambda message: message.payload)
+        print("READY", flush=True)
+        wait_for_term()
+
+
+def role_cell_ping(args) -> None:
+    from fedstream.nodes import Cell
+
+    payload = os.urandom(PING_SIZE)
+    ok = 0
+    with Cell("server", args.connect, kit=kit_of(args, "server")) as cell:
+        for number in range(PING_WARMUP + args.count):
+            if number == PING_WARMUP:
+                started = time.time()
+            ok += cell.request("bench", "echo", args.targets, payload, timeout=10.0).payload == payload
+        ended = time.time()
+    report(start=started, end=ended, items=ok - PING_WARMUP)
+
+
+# -- delay proxy (--rtt) -----------------------------------------------------------------------
+async def delay_pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float,
+                     forwarded: Counter) -> None:
+    """Copy bytes from `reader` to `writer`, each read delivered `delay` s after it arrived, in order.
+
+    Nothing limits the bandwidth but the proxy's own speed; at most PROXY_HELD reads wait, then
+    reading pauses (TCP pushes back on the sender). When either side ends, the writer is closed.
+    """
+    loop = asyncio.get_running_loop()
+    held: "asyncio.Queue[Optional[tuple[float, bytes]]]" = asyncio.Queue(PROXY_HELD)
+
+    async def deliver() -> None:
+        broken = False
+        while (item := await held.get()) is not None:
+            if broken:  # keep taking reads so that the reading side never waits forever
+                continue
+            due, data = item
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            try:
+                writer.write(data)
+                await writer.drain()
+            except (ConnectionError, OSError):
+                broken = True
+            else:
+                forwarded["bytes"] += len(data)
+
+    writer.transport.set_write_buffer_limits(high=PROXY_READ * 4)
+    delivery = asyncio.create_task(deliver())
+    try:
+        while data := await reader.read(PROXY_READ):
+            await held.put((loop.time() + delay, data))
+    except (ConnectionError, OSError):
+        pass
+    await held.put(None)
+    await delivery
+    writer.close()
+
+
+def role_delay_proxy(args) -> None:
+    """Listen on a free port; forward each connection to --connect, delaying each direction by --delay ms."""
+    host, port = args.connect.removeprefix("tcp://").rsplit(":", 1)
+    delay = float(args.delay) / 1000
+    forwarded: Counter = Counter()
+
+    async def link(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port), limit=PROXY_READ)
+        except OSError:
+            client_writer.close()
+            return
+        await asyncio.gather(delay_pipe(client_reader, upstream_writer, delay, forwarded),
+                             delay_pipe(upstream_reader, client_writer, delay, forwarded))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(link, "127.0.0.1", 0, limit=PROXY_READ)
+        print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    signal.signal(signal.SIGTERM, lambda *_: (report(forwarded=forwarded["bytes"]), os._exit(0)))
+    asyncio.run(serve())
+
 
 ROLES = {
     "relay": role_relay, "relay-recv": role_relay_recv, "relay-send": role_relay_send,
     "fan-pub": role_fan_pub, "fan-sub": role_fan_sub,
     "pull-owner": role_pull_owner, "pull-recv": role_pull_recv,
     "push-owner": role_push_owner, "push-recv": role_push_recv,
+    "pull-files-owner": role_pull_files_owner, "pull-files-recv": role_pull_files_recv,
+    "push-files-owner": role_push_files_owner, "push-files-recv": role_push_files_recv,
+    "bare-files-owner": role_bare_files_owner, "bare-files-recv": role_bare_files_recv,
+    "bare-push-send": role_bare_push_send, "bare-push-recv": role_bare_push_recv,
+    "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo, "cell-ping": role_cell_ping,
+    "delay-proxy": role_delay_proxy,
 }
 
 
 # --------------------------------------------------------------------------------------------
 # coordinator
 # --------------------------------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    """`count` distinct tcp ports free on 127.0.0.1 just now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 class Child:
     """A role running in its own process."""
 
@@ -318,7 +622,7 @@ class Child:
         self.proc.wait(30)
 
     def stop(self) -> dict:
-        """Read a long-running process's peak RSS, then terminate it."""
+        """Read a long-running process's peak RSS, terminate it, and keep what it reported on its way out."""
         rss, cpu = peak_rss(self.proc.pid), cpu_seconds(self.proc.pid)
         self.proc.terminate()
         try:
@@ -326,7 +630,11 @@ class Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-        self.result = {"rss": rss, "cpu": cpu}
+        try:
+            reported = json.loads(self.line("RESULT ", 2))
+        except (RuntimeError, ValueError):
+            reported = {}
+        self.result = {**reported, "rss": rss, "cpu": cpu}
         return self.result
 
     def kill(self) -> None:
@@ -345,8 +653,17 @@ class Run:
         self.children: list[Child] = []
         self.seconds = 0.0
         self.mbps = 0.0
+        self.items = 0  # --small: files moved or round trips made
+        self.rate = 0.0  # ... per second
+        self.ms = 0.0  # ... milliseconds each
         self.verified = False
         self.notes: list[str] = []
+
+    def progress(self) -> str:
+        """What the coordinator prints when the run ended."""
+        if self.items:
+            return f"{self.rate:.0f}/s, {self.ms:.3f} ms each, in {self.seconds:.2f} s, verified: {self.verified}"
+        return f"{self.mbps:.0f} MB/s in {self.seconds:.2f} s, verified: {self.verified}"
 
     def start(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> Child:
         child = Child(label, role, *args, cmd=cmd, log_dir=self.log_dir)
@@ -354,6 +671,12 @@ class Run:
         return child
 
     def close(self) -> None:
+        proxies = [c for c in self.children if c.label.startswith("proxy") and c.proc.poll() is None]
+        for proxy in proxies:
+            proxy.stop()  # its peak RSS and CPU seconds are shown with the run's
+        if proxies:
+            self.notes.append("forwarded by the delay proxies: " + ", ".join(
+                f"{p.label} {p.result.get('forwarded', 0) / MB:.0f} MB" for p in proxies))
         for child in self.children:
             child.kill()
 
@@ -363,18 +686,56 @@ class Run:
         return ", ".join(parts)
 
     def max_rss(self) -> int:
-        return max((c.result.get("rss") or 0) for c in self.children)
+        """The largest peak RSS of the run's processes, the bench's delay proxies left out."""
+        return max((c.result.get("rss") or 0) for c in self.children if not c.label.startswith("proxy"))
 
 
 class Bench:
-    def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path) -> None:
+    def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path, small: bool = False,
+                 files: int = 1000, push_files: int = 200, round_trips: int = 2000) -> None:
         self.size = size
         self.recipients = recipients
         self.chunk_size = chunk_size
         self.workdir = workdir
         self.source = workdir / "source.bin"
         self.digest = ""
-        self.runs: dict[str, Run] = {}
+        self.small = small
+        self.files = files
+        self.push_files = push_files
+        self.round_trips = round_trips
+        self.expected: dict[str, dict[str, str]] = {}  # --small: "pull"/"push" -> file name -> sha256
+        self.rtts: list[float] = []  # --rtt: the round trips measured, in ms
+        self.rtt: Optional[float] = None  # --rtt: the round trip of the runs being made, or None: no proxies
+        self.rounds: list[dict[str, Run]] = []  # one dict per round of the plan (--repeat)
+        self.runs: dict[str, Run] = {}  # the round being run
+
+    def new_round(self) -> None:
+        """Start collecting the runs of the next round of the plan."""
+        self.runs = {}
+        self.rounds.append(self.runs)
+
+    def series(self, name: str) -> list[Run]:
+        """The runs called `name`, one per round that completed it."""
+        return [runs[name] for runs in self.rounds if name in runs]
+
+    def at_rtt(self, rtt: float, step, *args) -> Run:
+        """Run `step(*args)` with every node (and bare peer) reaching the broker (relay) through delay proxies."""
+        self.rtt = rtt
+        try:
+            return step(*args)
+        finally:
+            self.rtt = None
+
+    def tagged(self, name: str) -> str:
+        """A run's name, with the round trip it was made at in an --rtt run."""
+        return name if self.rtt is None else f"{name} @{self.rtt:g}ms"
+
+    def through_proxy(self, run: Run, label: str, port: int) -> int:
+        """The port to connect to for 127.0.0.1:`port`: a delay proxy's in an --rtt run, else `port` itself."""
+        if self.rtt is None:
+            return port
+        proxy = run.start(label, "delay-proxy", "--connect", f"tcp://127.0.0.1:{port}", "--delay", str(self.rtt / 2))
+        return int(proxy.line("PORT "))
 
     def make_source(self) -> None:
         block = 1 << 20
@@ -385,6 +746,26 @@ class Bench:
                 out.write(os.urandom(n))
                 remaining -= n
         self.digest = file_digest(str(self.source))
+
+    def make_small(self) -> None:
+        """--small: the files to pull and to push, their name lists (pull.json, push.json) and sha256s."""
+        for kind, count, size in (("pull", self.files, PULL_FILE_SIZE), ("push", self.push_files, PUSH_FILE_SIZE)):
+            folder = self.small_dir(kind)
+            folder.mkdir(parents=True)
+            digests = self.expected[kind] = {}
+            for number in range(count):
+                name = f"{kind}{number:05d}.bin"
+                data = os.urandom(size)
+                (folder / name).write_bytes(data)
+                digests[name] = hashlib.sha256(data).hexdigest()
+            (self.workdir / f"{kind}.json").write_text(json.dumps(list(digests)))
+
+    def small_dir(self, kind: str) -> Path:
+        return self.workdir / f"{kind}-source"
+
+    def small_args(self, kind: str) -> list[str]:
+        """Child arguments naming the source folder of `kind` and the list of its files."""
+        return ["--file", str(self.small_dir(kind)), "--list", str(self.workdir / f"{kind}.json")]
 
     def dest(self, run: str, site: str) -> Path:
         path = self.workdir / run / site
@@ -403,12 +784,31 @@ class Bench:
         run.mbps = self.size * run.recipients / run.seconds / MB
         self.runs[run.name] = run
 
+    def finish_items(self, run: Run, start: float, end: float, items: int) -> None:
+        """--small: record `items` files moved or round trips made between `start` and `end`."""
+        run.seconds = max(end - start, 1e-9)
+        run.items = items
+        run.rate = items / run.seconds
+        run.ms = 1000 * run.seconds / max(items, 1)
+        self.runs[run.name] = run
+
+    def verify_files(self, run: Run, dest: Path, kind: str) -> None:
+        """--small: every file of `kind` arrived in `dest` under its name with its sha256, and nothing else."""
+        expected = self.expected[kind]
+        present = os.listdir(dest)
+        good = sum(1 for name in present
+                   if name in expected and hashlib.sha256((dest / name).read_bytes()).hexdigest() == expected[name])
+        run.verified = good == len(expected) == len(present)
+        if not run.verified:
+            run.notes.append(f"{good} of {len(expected)} files verified; {len(present)} files in the destination")
+        shutil.rmtree(self.workdir / run.name, ignore_errors=True)
+
     # -- baselines -----------------------------------------------------------------------
     def bare_relay(self, n: int) -> Run:
-        run = Run(f"bare relay {n}", n, self.workdir)
+        run = Run(self.tagged(f"bare relay {n}"), n, self.workdir)
         try:
             relay = run.start("relay", "relay")
-            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            address = f"tcp://127.0.0.1:{self.through_proxy(run, 'proxy', int(relay.line('PORT ')))}"
             names = [f"recv{i}" for i in range(n)]
             dests = [self.dest(run.name, name) / "copy.bin" for name in names]
             receivers = [run.start(name, "relay-recv", "--connect", address, "--name", name, "--dest", str(d))
@@ -454,16 +854,30 @@ class Bench:
         provision(project, ["broker", "server"] + [f"site-{i + 1}" for i in range(self.recipients)])
         return ["--kits", str(project)]
 
-    @staticmethod
-    def start_broker(run: Run, kits: list[str]) -> tuple[Child, str]:
-        """A `fedstream broker` process on free ports (with the broker kit in a secure run), and its address."""
+    def start_broker(self, run: Run, kits: list[str]) -> tuple[Child, str]:
+        """A `fedstream broker` process on free ports (with the broker kit in a secure run), and its address.
+
+        In an --rtt run each of its three ports (messages, fan-out in, fan-out out) gets a delay
+        proxy; the broker advertises the proxied fan-out ports, and the address returned is the
+        proxied message port, so every node reaches every broker port through a proxy.
+        """
         secure = ["--kit", os.path.join(kits[1], "broker")] if kits else []
-        broker = run.start("broker", "", cmd=[sys.executable, "-m", "fedstream.nodes", "broker", "--bind",
-                                               "tcp://127.0.0.1:0", *secure])
-        return broker, "tcp://" + broker.line("tcp://", 30)
+        command = [sys.executable, "-m", "fedstream.nodes", "broker"]
+        if self.rtt is None:
+            broker = run.start("broker", "", cmd=[*command, "--bind", "tcp://127.0.0.1:0", *secure])
+            return broker, "tcp://" + broker.line("tcp://", 30)
+        ports = free_ports(3)
+        proxied = [self.through_proxy(run, label, port)
+                   for label, port in zip(("proxy", "proxy-in", "proxy-out"), ports)]
+        broker = run.start("broker", "", cmd=[
+            *command, "--bind", f"tcp://127.0.0.1:{ports[0]}", "--fanout-in", f"tcp://127.0.0.1:{ports[1]}",
+            "--fanout-out", f"tcp://127.0.0.1:{ports[2]}", "--advertise-fanout-in", f"tcp://127.0.0.1:{proxied[1]}",
+            "--advertise-fanout-out", f"tcp://127.0.0.1:{proxied[2]}", *secure])
+        broker.line("tcp://", 30)
+        return broker, f"tcp://127.0.0.1:{proxied[0]}"
 
     def pull(self, n: int, secure: bool = False) -> Run:
-        run = Run(f"pull {n}" + (" secure" if secure else ""), n, self.workdir)
+        run = Run(self.tagged(f"pull {n}" + (" secure" if secure else "")), n, self.workdir)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -485,7 +899,7 @@ class Bench:
         return run
 
     def push(self, n: int, secure: bool = False) -> Run:
-        run = Run(f"push {n}" + (" secure" if secure else ""), n, self.workdir)
+        run = Run(self.tagged(f"push {n}" + (" secure" if secure else "")), n, self.workdir)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -513,51 +927,275 @@ class Bench:
         return run
 
 
-def ratio(a: Optional[Run], b: Optional[Run], attr: str = "mbps") -> str:
-    if not a or not b or not getattr(b, attr):
-        return "n/a"
-    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
+    # -- small files and round trips (--small) -------------------------------------------
+    def bare_pull_small(self) -> Run:
+        run = Run("bare pull files", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            owner = run.start("owner", "bare-files-owner", "--connect", address, *self.small_args("pull"))
+            owner.line("READY")
+            dest = self.dest(run.name, "recv0")
+            receiver = run.start("recv0", "bare-files-recv", "--connect", address, "--name", "recv0",
+                                 "--dest", str(dest), *self.small_args("pull"))
+            result = receiver.finish()
+            owner.stop()
+            relay.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            self.verify_files(run, dest, "pull")
+        finally:
+            run.close()
+        return run
+
+    def pull_small(self) -> Run:
+        run = Run("pull files", 1, self.workdir)
+        refs = self.workdir / "refs.json"
+        try:
+            broker, address = self.start_broker(run, [])
+            owner = run.start("owner", "pull-files-owner", "--connect", address, "--ref", str(refs),
+                              *self.small_args("pull"))
+            owner.line("RIDS", 300)
+            dest = self.dest(run.name, "site-1")
+            receiver = run.start("site-1", "pull-files-recv", "--connect", address, "--name", "site-1",
+                                 "--ref", str(refs), "--dest", str(dest))
+            result = receiver.finish()
+            owner.finish()
+            broker.stop()
+            if result["failed"]:
+                run.notes.append(f"{result['failed']} downloads failed, e.g. {result['errors'][0]}")
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            self.verify_files(run, dest, "pull")
+        finally:
+            run.close()
+        return run
+
+    def bare_push_small(self) -> Run:
+        run = Run("bare push files", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            dest = self.dest(run.name, "recv0")
+            receiver = run.start("recv0", "bare-push-recv", "--connect", address, "--name", "recv0",
+                                 "--count", str(self.push_files), "--dest", str(dest))
+            sender = run.start("sender", "bare-push-send", "--connect", address, "--targets", "recv0",
+                               *self.small_args("push"))
+            sent = sender.result_line()
+            receiver.finish()
+            sender.release()
+            relay.stop()
+            self.finish_items(run, sent["start"], sent["end"], sent["items"])
+            self.verify_files(run, dest, "push")
+        finally:
+            run.close()
+        return run
+
+    def push_small(self) -> Run:
+        run = Run("push files", 1, self.workdir)
+        try:
+            broker, address = self.start_broker(run, [])
+            dest = self.dest(run.name, "site-1")
+            receiver = run.start("site-1", "push-files-recv", "--connect", address, "--name", "site-1",
+                                 "--count", str(self.push_files), "--dest", str(dest))
+            receiver.line("READY")
+            owner = run.start("owner", "push-files-owner", "--connect", address, "--targets", "site-1",
+                              *self.small_args("push"))
+            sent = owner.finish()
+            receiver.finish()
+            broker.stop()
+            if sent["failed"]:
+                run.notes.append(f"{sent['failed']} pushes failed, e.g. {sent['errors'][0]}")
+            self.finish_items(run, sent["start"], sent["end"], self.push_files - sent["failed"])
+            self.verify_files(run, dest, "push")
+        finally:
+            run.close()
+        return run
+
+    def bare_round_trips(self) -> Run:
+        run = Run("bare round trips", 1, self.workdir)
+        try:
+            relay = run.start("relay", "relay")
+            address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
+            echo = run.start("echo", "bare-echo", "--connect", address)
+            echo.line("READY")
+            ping = run.start("ping", "bare-ping", "--connect", address, "--count", str(self.round_trips))
+            result = ping.finish()
+            echo.stop()
+            relay.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            run.verified = result["items"] == self.round_trips
+        finally:
+            run.close()
+        return run
+
+    def cell_round_trips(self) -> Run:
+        run = Run("cell round trips", 1, self.workdir)
+        try:
+            broker, address = self.start_broker(run, [])
+            echo = run.start("site-1", "cell-echo", "--connect", address, "--name", "site-1")
+            echo.line("READY")
+            ping = run.start("server", "cell-ping", "--connect", address, "--targets", "site-1",
+                             "--count", str(self.round_trips))
+            result = ping.finish()
+            echo.stop()
+            broker.stop()
+            self.finish_items(run, result["start"], result["end"], result["items"])
+            run.verified = result["items"] == self.round_trips
+        finally:
+            run.close()
+        return run
+
+
+def spread(values: list[float], fmt: str = "{:.0f}", unit: str = "") -> str:
+    """A figure over the rounds: the value itself for one round, else 'median [min-max]'."""
+    if len(values) == 1:
+        return fmt.format(values[0]) + unit
+    return f"{fmt.format(statistics.median(values))}{unit} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def ratio(bench: Bench, a: str, b: str, attr: str = "mbps") -> str:
+    """Run `a` over run `b` taken in the same round: 'r.rrx' for one round, else median [min-max] over rounds."""
+    values = []
+    for runs in bench.rounds:
+        top, bottom = runs.get(a), runs.get(b)
+        if top and bottom and getattr(bottom, attr):
+            values.append(getattr(top, attr) / getattr(bottom, attr))
+    return spread(values, "{:.2f}", "x") if values else "n/a"
+
+
+def run_names(bench: Bench) -> list[str]:
+    """Every run name in the order of the plan."""
+    names: dict[str, None] = {}
+    for runs in bench.rounds:
+        names.update(dict.fromkeys(runs))
+    return list(names)
+
+
+def merged_summary(series: list[Run]) -> str:
+    """Per process over the rounds: the largest peak RSS (MiB) / the median CPU seconds."""
+    rss: dict[str, list[int]] = {}
+    cpu: dict[str, list[float]] = {}
+    for run in series:
+        for child in run.children:
+            if child.result.get("rss"):
+                rss.setdefault(child.label, []).append(child.result["rss"])
+                cpu.setdefault(child.label, []).append(child.result.get("cpu") or 0)
+    return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/{statistics.median(cpu[label]):.1f}" for label in rss)
+
+
+def merged_notes(bench: Bench, name: str) -> list[str]:
+    """The notes of run `name` over the rounds, each once, with the rounds it came from unless it came from all."""
+    where: dict[str, list[int]] = {}
+    for number, runs in enumerate(bench.rounds, 1):
+        for note in runs[name].notes if name in runs else []:
+            where.setdefault(note, []).append(number)
+    return [note if len(rounds) == len(bench.rounds) else f"(round {','.join(map(str, rounds))}) {note}"
+            for note, rounds in where.items()]
+
+
+def print_runs(bench: Bench) -> None:
+    """The table of runs: each run as measured (one round), or its median and range over the rounds."""
+    rounds = len(bench.rounds)
+    name_width = 20 if bench.rtts else 18 if bench.small else 16
+    figure = "per s" if bench.small else "MB/s"
+    figure_width = 9 if rounds == 1 else 24
+    if rounds > 1:
+        figure += " median [min-max]"
+    each = f"{'ms each':>9}" if bench.small else ""
+    processes = ("per process: peak RSS MiB / CPU seconds" if rounds == 1
+                 else "per process: peak RSS MiB (largest) / CPU seconds (median)")
+    header = f"{'run':<{name_width}}{figure:>{figure_width}}{each}{'seconds':>9}  {'verified':<9}{processes}"
+    print(header)
+    print("-" * len(header))
+    for name in run_names(bench):
+        series = bench.series(name)
+        values = [run.rate if bench.small else run.mbps for run in series]
+        each = f"{statistics.median(run.ms for run in series):>9.3f}" if bench.small else ""
+        if rounds == 1:
+            verified, summary = ("yes" if series[0].verified else "NO"), series[0].rss_summary()
+        else:
+            verified, summary = f"{sum(run.verified for run in series)}/{rounds}", merged_summary(series)
+        print(f"{name:<{name_width}}{spread(values):>{figure_width}}{each}"
+              f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{summary}")
+        for note in merged_notes(bench, name):
+            print(f"{'':<{name_width}}  {note}")
+
+
+def print_rtt_table(bench: Bench) -> None:
+    """--rtt: pull 1, push 1 and the bare relay 1 at each round trip, and their ratios (paired per round)."""
+    rounds = len(bench.rounds)
+    width = 19 if rounds == 1 else 24
+    columns = ["bare relay 1", "pull 1", "push 1"]
+    header = (f"{'RTT ms':>7}" + "".join(f"{name + ' MB/s':>{width}}" for name in columns)
+              + f"{'pull 1 / bare':>{width}}{'push 1 / bare':>{width}}")
+    print(header + ("   (median [min-max] over the rounds)" if rounds > 1 else ""))
+    print("-" * len(header))
+    for rtt in bench.rtts:
+        names = [f"{name} @{rtt:g}ms" for name in columns]
+        figures = [spread([run.mbps for run in bench.series(name)]) if bench.series(name) else "n/a" for name in names]
+        ratios = [ratio(bench, names[1], names[0]), ratio(bench, names[2], names[0])]
+        print(f"{rtt:>7g}" + "".join(f"{text:>{width}}" for text in figures + ratios))
+    print(textwrap.fill(
+        "RTT: each node's round trip to the broker (the bare peers' to the relay), added by a delay proxy process "
+        "that holds every read for RTT/2 each way and keeps the order (it does not limit bandwidth, but its own speed "
+        "caps the transfer: compare the 0 ms row with a run without --rtt). Every broker port (messages, fan-out in, "
+        "fan-out out) has its own proxy and the broker advertises the proxied fan-out ports, so pushes cross the "
+        "proxies too. Node to node through the broker the round trip is 2 x RTT, so a transfer with a fixed window "
+        f"(the bare relay's {CREDIT_WINDOW} chunks, fedstream's own) moves at most window / (2 x RTT).", 100))
 
 
 def print_report(bench: Bench) -> bool:
     runs = bench.runs
     n = bench.recipients
+    rounds = len(bench.rounds)
     print()
-    print(f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
-          f"{os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}")
-    header = f"{'run':<16}{'MB/s':>9}{'seconds':>9}  {'verified':<9}{'per process: peak RSS MiB / CPU seconds'}"
-    print(header)
-    print("-" * len(header))
-    for run in runs.values():
-        print(f"{run.name:<16}{run.mbps:>9.0f}{run.seconds:>9.2f}  {'yes' if run.verified else 'NO':<9}"
-              f"{run.rss_summary()}")
-        for note in run.notes:
-            print(f"{'':<16}  {note}")
+    if bench.rtts:
+        title = (f"fedstream bench --rtt: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks, "
+                 f"round trips {', '.join(f'{rtt:g}' for rtt in bench.rtts)} ms")
+    elif bench.small:
+        title = (f"fedstream bench --small: pull {bench.files} files of {format_size(PULL_FILE_SIZE)}, "
+                 f"push {bench.push_files} files of {format_size(PUSH_FILE_SIZE)}, {bench.round_trips} round trips "
+                 f"of {PING_SIZE} B")
+    else:
+        title = f"fedstream bench: {format_size(bench.size)} file, {format_size(bench.chunk_size)} chunks"
+    print(f"{title}, {os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
+          + (f", {rounds} rounds (cases interleaved; ratios paired within a round)" if rounds > 1 else ""))
+    print_runs(bench)
     print()
-    checks = [
-        ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", ratio(runs.get("pull 1"), runs.get("bare relay 1"))),
-        (f"pull {n} vs bare relay {n} (aggregate throughput)",
-         ratio(runs.get(f"pull {n}"), runs.get(f"bare relay {n}"))),
-        ("push 1 vs bare relay 1 (throughput)", ratio(runs.get("push 1"), runs.get("bare relay 1"))),
-        (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)",
-         ratio(runs.get(f"push {n}"), runs.get(f"bare relay {n}"))),
-        (f"push {n} vs bare fan-out {n} (aggregate throughput)",
-         ratio(runs.get(f"push {n}"), runs.get(f"bare fan-out {n}"))),
-        (f"push {n} wall time vs push 1 (budget <= 1.5x)",
-         ratio(runs.get(f"push {n}"), runs.get("push 1"), "seconds")),
-        (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)",
-         ratio(runs.get(f"bare fan-out {n}"), runs.get("bare fan-out 1"), "seconds")),
-    ]
+    if bench.rtts:
+        print_rtt_table(bench)
+        print()
+        checks = []
+    elif bench.small:
+        checks = [
+            ("pull per file vs bare (target <= 2x)", "pull files", "bare pull files", "ms"),
+            ("push per file vs bare (target <= 2x)", "push files", "bare push files", "ms"),
+            ("request/reply vs bare (target >= 0.7x)", "cell round trips", "bare round trips", "rate"),
+        ]
+    else:
+        checks = [
+            ("pull 1 vs bare relay 1 (throughput, budget >= 0.80x)", "pull 1", "bare relay 1", "mbps"),
+            (f"pull {n} vs bare relay {n} (aggregate throughput)", f"pull {n}", f"bare relay {n}", "mbps"),
+            ("push 1 vs bare relay 1 (throughput)", "push 1", "bare relay 1", "mbps"),
+            (f"push {n} vs bare relay {n} unicast copies (aggregate, budget >= 1.5x)", f"push {n}",
+             f"bare relay {n}", "mbps"),
+            (f"push {n} vs bare fan-out {n} (aggregate throughput)", f"push {n}", f"bare fan-out {n}", "mbps"),
+            (f"push {n} wall time vs push 1 (budget <= 1.5x)", f"push {n}", "push 1", "seconds"),
+            (f"bare fan-out {n} wall time vs bare fan-out 1 (what this machine allows)", f"bare fan-out {n}",
+             "bare fan-out 1", "seconds"),
+        ]
     if "pull 1 secure" in runs or f"push {n} secure" in runs:
-        checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)",
-                    ratio(runs.get("pull 1 secure"), runs.get("pull 1"))),
-                   (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)",
-                    ratio(runs.get(f"push {n} secure"), runs.get(f"push {n}")))]
-    for label, value in checks:
-        print(f"{label:<70}{value:>8}")
-    peak = max((run.max_rss() for run in runs.values() if run.name.startswith(("pull", "push"))), default=0)
-    print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>7.0f}M")
-    return all(run.verified for run in runs.values())
+        checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)", "pull 1 secure", "pull 1", "mbps"),
+                   (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)", f"push {n} secure",
+                    f"push {n}", "mbps")]
+    width = 8 if rounds == 1 else 20
+    if rounds > 1 and checks:
+        print(f"{'ratio':<70}{'median [min-max]':>{width}}")
+    for label, a, b, attr in checks:
+        print(f"{label:<70}{ratio(bench, a, b, attr):>{width}}")
+    peak = max((run.max_rss() for runs in bench.rounds for run in runs.values() if not run.name.startswith("bare")),
+               default=0)
+    print(f"{'largest peak RSS of any fedstream process (budget < 100 MiB)':<70}{peak / 2**20:>{width - 1}.0f}M")
+    return all(run.verified for runs in bench.rounds for run in runs.values())
 
 
 def main() -> int:
@@ -568,42 +1206,84 @@ def main() -> int:
     parser.add_argument("--chunk-size", default="1M")
     parser.add_argument("--workdir", help="where to put the files (default: a temp dir, removed)")
     parser.add_argument("--secure", action="store_true", help="also run pull 1 and push N with kits (CURVE)")
+    parser.add_argument("--small", action="store_true",
+                        help="per-file cost: many small files by pull and push, and request/reply round trips")
+    parser.add_argument("--files", type=int, default=1000, metavar="N",
+                        help="--small: files of 16 KiB to pull (default 1000)")
+    parser.add_argument("--push-files", type=int, default=200, metavar="N",
+                        help="--small: files of 64 KiB to push (default 200)")
+    parser.add_argument("--round-trips", type=int, default=2000, metavar="N",
+                        help="--small: request/reply round trips (default 2000)")
+    parser.add_argument("--rtt", metavar="MS[,MS...]",
+                        help="bare relay 1, pull 1 and push 1 with every node reaching the broker through a delay "
+                             "proxy adding this round trip, e.g. 0,20,50")
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="run the plan K times, cases interleaved; report medians and ranges (default 1)")
     # child roles
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
-    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits"):
+    for flag in ("--connect", "--name", "--dest", "--file", "--targets", "--ref", "--kits", "--list", "--delay"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.chunk_size = parse_size(args.chunk_size)
+    for flag in ("repeat", "files", "push_files", "round_trips"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.role:
         ROLES[args.role](args)
         return 0
+    try:
+        rtts = [float(ms) for ms in args.rtt.split(",")] if args.rtt else []
+    except ValueError:
+        parser.error(f"--rtt takes round trips in ms separated by commas, got {args.rtt!r}")
+    if any(ms < 0 for ms in rtts):
+        parser.error(f"--rtt round trips cannot be negative, got {args.rtt!r}")
+    if rtts and (args.small or args.secure):
+        parser.error("--rtt runs its own plan; it does not combine with --small or --secure")
 
     size = parse_size("64M") if args.quick else parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="fedstream-bench-", dir=args.workdir))
     try:
-        bench = Bench(size, args.recipients, args.chunk_size, workdir)
-        print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
-        bench.make_source()
+        bench = Bench(size, args.recipients, args.chunk_size, workdir, small=args.small, files=args.files,
+                      push_files=args.push_files, round_trips=args.round_trips)
         n = args.recipients
-        plan = [("bare relay 1", lambda: bench.bare_relay(1)), ("pull 1", lambda: bench.pull(1)),
-                ("bare fan-out 1", lambda: bench.bare_fanout(1)), ("push 1", lambda: bench.push(1)),
-                (f"bare relay {n}", lambda: bench.bare_relay(n)),
-                (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
-                (f"push {n}", lambda: bench.push(n))]
-        if args.secure:
+        bench.rtts = rtts
+        if rtts:
+            print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
+            bench.make_source()
+            plan = [(f"{name} @{ms:g}ms", lambda ms=ms, step=step: bench.at_rtt(ms, step, 1))
+                    for ms in rtts for name, step in (("bare relay 1", bench.bare_relay), ("pull 1", bench.pull),
+                                                      ("push 1", bench.push))]
+        elif args.small:
+            print(f"writing {args.files} + {args.push_files} small source files in {workdir} ...", flush=True)
+            bench.make_small()
+            plan = [("bare pull files", bench.bare_pull_small), ("pull files", bench.pull_small),
+                    ("bare push files", bench.bare_push_small), ("push files", bench.push_small),
+                    ("bare round trips", bench.bare_round_trips), ("cell round trips", bench.cell_round_trips)]
+        else:
+            print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
+            bench.make_source()
+            plan = [("bare relay 1", lambda: bench.bare_relay(1)), ("pull 1", lambda: bench.pull(1)),
+                    ("bare fan-out 1", lambda: bench.bare_fanout(1)), ("push 1", lambda: bench.push(1)),
+                    (f"bare relay {n}", lambda: bench.bare_relay(n)),
+                    (f"bare fan-out {n}", lambda: bench.bare_fanout(n)), (f"pull {n}", lambda: bench.pull(n)),
+                    (f"push {n}", lambda: bench.push(n))]
+        if args.secure and not args.small:
             plan += [("pull 1 secure", lambda: bench.pull(1, secure=True)),
                      (f"push {n} secure", lambda: bench.push(n, secure=True))]
         failed = []
-        for name, step in plan:
-            print(f"running {name} ...", flush=True)
-            try:
-                run = step()
-            except RuntimeError as exc:
-                print(f"  {name} failed: {exc}", flush=True)
-                failed.append(name)
-                continue
-            print(f"  {run.mbps:.0f} MB/s in {run.seconds:.2f} s, verified: {run.verified}", flush=True)
+        for round_no in range(1, args.repeat + 1):
+            bench.new_round()
+            for name, step in plan:
+                label = name if args.repeat == 1 else f"{name} (round {round_no}/{args.repeat})"
+                print(f"running {label} ...", flush=True)
+                try:
+                    run = step()
+                except RuntimeError as exc:
+                    print(f"  {label} failed: {exc}", flush=True)
+                    failed.append(label)
+                    continue
+                print(f"  {run.progress()}", flush=True)
         return 0 if print_report(bench) and not failed else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`fedstream simulate` and `scripts/bench.py --quick` end to end."""
+"""`fedstream simulate` and `scripts/bench.py` (--quick, --small, --rtt) end to end."""
 
 import json
 import os
@@ -52,6 +52,36 @@ def test_bench_quick_runs_and_verifies(procs):
     for run in ("bare relay 1", "pull 1", "push 1", "bare relay 2", "bare fan-out 2", "pull 2", "push 2"):
         assert re.search(rf"^{run}\s+\d+\s+[\d.]+\s+yes", out, re.M), out
     assert "pull 1 vs bare relay 1" in out
+
+
+@pytest.mark.timeout(300)
+def test_bench_small_repeated_runs_and_verifies(procs, tmp_path):
+    bench = procs.start([sys.executable, str(REPO / "scripts" / "bench.py"), "--small", "--files", "20",
+                         "--push-files", "5", "--round-trips", "50", "--repeat", "2", "--workdir", str(tmp_path)])
+    assert bench.wait(280) == 0, "\n".join(bench.remaining_stdout()) + bench.stderr
+    out = "\n".join(bench.remaining_stdout())
+    for run in ("bare pull files", "pull files", "bare push files", "push files", "bare round trips",
+                "cell round trips"):
+        assert re.search(rf"^{run}\s+\d+ \[\d+-\d+\]\s+[\d.]+\s+[\d.]+\s+2/2\s", out, re.M), out
+    for ratio in ("pull per file vs bare", "push per file vs bare", "request/reply vs bare"):
+        assert re.search(rf"^{re.escape(ratio)} .*\s[\d.]+x \[[\d.]+-[\d.]+\]$", out, re.M), out
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(300)
+def test_bench_rtt_proxies_every_broker_port(procs, tmp_path):
+    bench = procs.start([sys.executable, str(REPO / "scripts" / "bench.py"), "--size", "4M", "--rtt", "0,10",
+                         "--workdir", str(tmp_path)])
+    assert bench.wait(280) == 0, "\n".join(bench.remaining_stdout()) + bench.stderr
+    out = "\n".join(bench.remaining_stdout())
+    for rtt in ("0", "10"):
+        for run in ("bare relay 1", "pull 1", "push 1"):
+            assert re.search(rf"^{run} @{rtt}ms\s+\d+\s+[\d.]+\s+yes\s", out, re.M), out
+        assert re.search(rf"^\s+{rtt}(\s+\d+){{3}}(\s+[\d.]+x){{2}}$", out, re.M), out
+    # chunks of a push cross the fan-out proxies the broker advertised, not only the message port's
+    assert re.search(r"^push 1 @10ms (.*\n)+?.*forwarded by the delay proxies: proxy \d+ MB, proxy-in [1-9]\d* MB, "
+                     r"proxy-out [1-9]\d* MB$", out, re.M), out
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.timeout(300)
