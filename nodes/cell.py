@@ -18,7 +18,11 @@ Threading rule (every change to this module follows it):
    to have `work()` make the reply in the pool.
 3. **Any exception from one message is contained.** The I/O thread drops the message,
    counts it in `stats`, logs it at most once per peer per minute, and keeps serving.
-4. **`stop()` checks.** It joins the I/O thread with a timeout and logs an error if the
+4. **The I/O thread sleeps until there is work.** It waits in one poll for a message (from the
+   broker, from the outbox, or stop()'s wake-up posted there), for the connection to come up
+   (a REGISTER that could not go out yet), or for its next heartbeat; a tick of `_BACKLOG_TICK`
+   only while the connection is full. An idle Cell wakes twice per heartbeat and no more.
+5. **`stop()` checks.** It joins the I/O thread with a timeout and logs an error if the
    thread did not end (its sockets and the context are then left alone, not closed under it).
 
 Who may answer: a reply, an error reply or an `undeliverable` notice resolves a pending
@@ -28,6 +32,7 @@ nor reuse them. Anything else is ignored and counted in `stats["forged_replies"]
 """
 
 import asyncio
+import errno
 import logging
 import secrets
 import threading
@@ -74,12 +79,19 @@ log = logging.getLogger(__name__)
 
 RequestCallback = Callable[[Message], Any]
 
-DEFAULT_HEARTBEAT = 1.0
+DEFAULT_HEARTBEAT = 2.0  # seconds between heartbeats (at most; see _BEATS_PER_NODE_TIMEOUT)
+_BEATS_PER_NODE_TIMEOUT = 2.5  # heartbeats within the broker's node timeout, whatever heartbeat_interval says
+_MIN_BEAT = 0.1  # seconds: the shortest heartbeat interval a broker's node timeout can ask for
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
-_REGISTER_RETRY = 0.1  # seconds between registration attempts while not registered
+# ZMTP pings (answered by libzmq, not by the I/O thread) only find dead TCP connections, so the socket
+# reconnects; the heartbeats above find a silent broker. 1 s pings cost 1000 idle Cells 2-3% of a core.
+_ZMTP_HEARTBEAT_IVL = 5000  # ms
+_ZMTP_HEARTBEAT_TIMEOUT = 5000  # ms without traffic after a ping before the connection is dropped
+_BACKLOG_TICK = 0.2  # seconds between looks at the stop flag while the broker connection is full
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
+_BYE_WAIT = 0.5  # seconds stop() waits for the broker to confirm its BYE
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
 _JOIN_TIMEOUT = 5.0  # seconds stop() waits for the I/O thread
 _MAX_QUEUED_CALLBACKS = 1024  # callbacks waiting for or running in the pool
@@ -126,7 +138,11 @@ class PendingRequest:
 
 
 class Cell:
-    """A named endpoint (FQCN) connected to the broker."""
+    """A named endpoint (FQCN) connected to the broker.
+
+    Many Cells in one process share one `context=` whose socket limit is raised (`zmq.MAX_SOCKETS`):
+    a Cell holds 3 sockets (the broker connection and its outbox pair), 2 more while it starts.
+    """
 
     def __init__(self, fqcn: str, broker: str, context: Optional[zmq.Context] = None,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT, workers: int = 8,
@@ -143,6 +159,7 @@ class Cell:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers!r}.")
         self._hb_interval = heartbeat_interval
+        self._beat = heartbeat_interval  # the interval in use: shorter if the broker's node timeout asks for it
         self._workers = workers
         if context is not None and not isinstance(context, zmq.Context):
             raise ValueError(f"context must be a zmq.Context, got {type(context).__name__}.")
@@ -164,6 +181,7 @@ class Cell:
         self._registered = threading.Event()
         self._reg_reason: Optional[str] = None
         self._reg_answer = threading.Event()
+        self._open_error: Optional[str] = None  # why the I/O thread could not open its sockets
         self._handshake_failure: Optional[dict] = None  # a monitor event: the broker refused the handshake
         self._connected = threading.Event()  # something accepted the connection (a monitor event)
         self._monitor: Optional[zmq.Socket] = None
@@ -174,6 +192,7 @@ class Cell:
         self._lifecycle_lock = threading.Lock()
         self._stopping = False
         self._backlog: deque = deque()  # messages the broker connection could not take yet
+        self._register_due = False  # a REGISTER waits for the connection to come up
         self._backlog_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -188,8 +207,12 @@ class Cell:
         if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
             raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}.")
         self._stop.clear()
+        self._open_error = None
         self._outbox_endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
-        self._out_push = self.context.socket(zmq.PUSH)
+        try:
+            self._out_push = self.context.socket(zmq.PUSH)
+        except zmq.ZMQError as exc:
+            raise CellError(self._cannot_open(exc)) from None
         self._out_push.setsockopt(zmq.SNDHWM, _OUT_HWM)
         self._out_push.setsockopt(zmq.SNDTIMEO, 10_000)
         self._out_push.connect(self._outbox_endpoint)  # inproc may connect before the I/O thread binds
@@ -204,6 +227,10 @@ class Cell:
                                     f"within {connect_timeout:g} s).")
             timeout -= connect_timeout
         self._reg_answer.wait(timeout)
+        if self._open_error is not None:
+            reason = self._open_error
+            self.stop()
+            raise CellError(reason)
         handshake_failure = self._handshake_failure
         if handshake_failure is not None:
             self.stop()
@@ -216,6 +243,15 @@ class Cell:
             self.stop()
             raise RegistrationError(f"The broker refused '{self.fqcn}': {reason}.")
         return self
+
+    def _cannot_open(self, exc: zmq.ZMQError) -> str:
+        """One sentence for a socket the Cell could not open (most often: the context's socket limit)."""
+        if exc.errno == errno.EMFILE:
+            return (f"Cell '{self.fqcn}' cannot open its sockets: its ZeroMQ context has reached its limit of "
+                    f"{self.context.get(zmq.MAX_SOCKETS)} sockets (a Cell holds 3, and 2 more while it starts). "
+                    f"A process hosting many Cells must raise it (ctx.set(zmq.MAX_SOCKETS, n) before the "
+                    f"context's first socket) and give them context=ctx.")
+        return f"Cell '{self.fqcn}' cannot open its connection to the broker at {self.broker}: {exc}"
 
     def _explain_handshake(self, event: dict) -> str:
         """One sentence for a failed connection handshake (ZeroMQ itself stays silent about it)."""
@@ -252,6 +288,7 @@ class Cell:
 
     def _open_sockets(self) -> None:
         """Create the broker connection and the outbox end; called on the I/O thread, which owns them."""
+        self._dealer = self._out_pull = self._monitor = None  # what a failure leaves open is closed
         dealer = self._dealer = self.context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IMMEDIATE, 1)
         dealer.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
@@ -259,8 +296,8 @@ class Cell:
         dealer.setsockopt(zmq.RCVHWM, _OUT_HWM)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT)
         if self._broker_endpoint.is_ipv6:
             dealer.setsockopt(zmq.IPV6, 1)
         self.secure_socket(dealer)
@@ -289,8 +326,10 @@ class Cell:
     def _close_sockets(self) -> None:
         """Close the I/O thread's sockets; called on the I/O thread as it ends."""
         self._close_monitor()
-        self._out_pull.close(linger=0)
-        self._dealer.close(linger=500)
+        if self._out_pull is not None:
+            self._out_pull.close(linger=0)
+        if self._dealer is not None:
+            self._dealer.close(linger=500)
 
     def _shutdown(self) -> None:
         assert self._thread is not None
@@ -543,7 +582,8 @@ class Cell:
         try:
             self._open_sockets()
         except zmq.ZMQError as exc:
-            self._reg_reason = f"cannot open the connection: {exc}"
+            self._close_sockets()  # in a shared context, a socket left open would block its term()
+            self._open_error = self._cannot_open(exc)
             self._reg_answer.set()
             return
         try:
@@ -552,16 +592,23 @@ class Cell:
             self._close_sockets()
 
     def _serve(self) -> None:
+        """Move messages until stop(); sleep in poll until a socket is ready or the next heartbeat is due."""
         poller = zmq.Poller()
+        self._beat = self._hb_interval
+        self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
         self._register_with_broker()
-        last_heard = time.monotonic()
-        next_beat = last_heard + _REGISTER_RETRY
+        last_heard = last_beat = time.monotonic()  # last_beat: when the broker last got a beat or a REGISTER
         while not self._stop.is_set():
-            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+            next_beat = last_beat + self._beat  # registering may shorten the interval
+            timeout = next_beat - time.monotonic()
+            if self._backlog:  # the outbox (and the wake-up stop() posts there) is not read meanwhile
+                timeout = min(timeout, _BACKLOG_TICK)
             # While the connection is full, stop taking new messages: senders feel backpressure.
             # Past a byte limit, stop reading requests too, so replies cannot pile up without bound.
+            # A REGISTER the connection could not take yet goes out as soon as it can (POLLOUT).
             reading = zmq.POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
-            poller.register(self._dealer, reading | (zmq.POLLOUT if self._backlog else 0))
+            writing = zmq.POLLOUT if self._backlog or self._register_due else 0
+            poller.register(self._dealer, reading | writing)
             poller.register(self._out_pull, 0 if self._backlog else zmq.POLLIN)
             if self._monitor is not None:
                 if self._reg_answer.is_set():
@@ -569,11 +616,14 @@ class Cell:
                     self._close_monitor()
                 else:
                     poller.register(self._monitor, zmq.POLLIN)
-            events = dict(poller.poll(min(timeout_ms, 200)))
+            events = dict(poller.poll(max(0, int(timeout * 1000) + 1)))
             if self._monitor is not None and events.get(self._monitor, 0) & zmq.POLLIN:
                 self._watch_handshake()
-            if self._backlog and events.get(self._dealer, 0) & zmq.POLLOUT:
-                self._flush_backlog()
+            if events.get(self._dealer, 0) & zmq.POLLOUT:
+                if self._register_due and not self._backlog:
+                    self._register_with_broker()
+                if self._backlog:
+                    self._flush_backlog()
             if events.get(self._out_pull, 0) & zmq.POLLIN:
                 for _ in range(256):
                     try:
@@ -597,20 +647,37 @@ class Cell:
                         self._dropped(frames, exc)
             now = time.monotonic()
             if now >= next_beat:
-                if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._hb_interval:
+                if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._beat:
                     log.warning("cell '%s' lost the broker at %s; reconnecting", self.fqcn, self.broker)
                     self._registered.clear()
                     self._drop_backlog()
                 if self._registered.is_set():
                     self._to_broker([proto.HEARTBEAT])
-                    next_beat = now + self._hb_interval
-                else:
+                elif not self._register_due:  # sent but unanswered (or refused): ask again
                     self._register_with_broker()
-                    retry = self._hb_interval if self._reg_reason else _REGISTER_RETRY
-                    next_beat = now + min(retry, self._hb_interval)
+                last_beat = now
         if self._registered.is_set():
             self._drain_outbox(_STOP_DRAIN)
-            self._to_broker([proto.BYE])
+            self._say_bye()
+
+    def _say_bye(self) -> None:
+        """Unregister, and wait (bounded) until the broker has done it, so a cell started next under this name
+        is not refused: the broker reads a connection in order, and answers the heartbeat after BYE with N."""
+        if self._backlog:  # the connection takes nothing: the broker forgets the name after its node timeout
+            return
+        try:
+            self._dealer.send(proto.BYE, zmq.NOBLOCK)
+            self._dealer.send(proto.HEARTBEAT, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        deadline = time.monotonic() + _BYE_WAIT
+        while self._dealer.poll(max(1, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            try:
+                cmd = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)[0].bytes
+            except zmq.Again:
+                continue
+            if cmd == proto.NOT_REGISTERED or time.monotonic() >= deadline:
+                return  # anything else (a message for this leaving cell) is dropped
 
     def _drain_outbox(self, timeout: float) -> None:
         """Forward what other threads sent before stop(), so nothing already sent is lost."""
@@ -628,10 +695,20 @@ class Cell:
                 self._to_broker(frames)
 
     def _register_with_broker(self) -> None:
+        """Send REGISTER now; if no connection can take it yet, send it once one can (see _serve)."""
         hello: dict = {"v": proto.VERSION}
         if self.kit is not None:
             hello["cert"] = self.kit.certificate_bytes.decode("ascii")
-        self._to_broker([proto.REGISTER, self.fqcn.encode(), proto.encode_json(hello)])
+        frames = [proto.REGISTER, self.fqcn.encode(), proto.encode_json(hello)]
+        if self._backlog:  # in order behind what the connection has not taken yet
+            self._register_due = False
+            self._queue_backlog(frames)
+            return
+        try:
+            self._dealer.send_multipart(frames, zmq.NOBLOCK)
+            self._register_due = False
+        except zmq.Again:  # IMMEDIATE: no connection is up yet
+            self._register_due = True
 
     def _dropped(self, frames: list, exc: Exception) -> None:
         """Count a message that could not be handled; log it at most once per sender per minute."""
@@ -662,7 +739,9 @@ class Cell:
     def _on_registered(self, frames: list) -> None:
         status = frames[1].bytes
         if status == proto.REG_OK:
-            self._fanout = self._fanout_from(proto.decode_object(frames[2].buffer))
+            info = proto.decode_object(frames[2].buffer)
+            self._fanout = self._fanout_from(info)
+            self._beat = self._beat_for(info)
             self._reg_reason = None
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
@@ -674,6 +753,13 @@ class Cell:
                         "broker refused cell '%s': %s", self.fqcn, reason)
             self._reg_reason = reason
         self._reg_answer.set()
+
+    def _beat_for(self, info: object) -> float:
+        """`heartbeat_interval`, or shorter so that the broker hears from this cell within its node timeout."""
+        node_timeout = info.get("node_timeout") if isinstance(info, dict) else None
+        if type(node_timeout) not in (int, float) or not 0 < node_timeout < float("inf"):
+            return self._hb_interval  # a broker that does not say (or says nonsense): as configured
+        return max(_MIN_BEAT, min(self._hb_interval, node_timeout / _BEATS_PER_NODE_TIMEOUT))
 
     def _fanout_from(self, info: object) -> tuple[str, str]:
         """The fan-out endpoints the broker advertised, made connectable (a tcp host `*` = the broker's host)."""

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from fedstream.common import protocol as proto
-from fedstream.common.errors import RegistrationError, RemoteError, RequestTimeout, UnreachableError
+from fedstream.common.errors import CellError, RegistrationError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.nodes import Cell, FLContext, PendingRequest
 from fedstream.nodes.message import KIND_REQUEST, PAYLOAD_NONE, Meta, encode_meta
 from tests.procs import wait_until
@@ -326,3 +326,70 @@ def test_a_full_worker_pool_answers_busy_at_once(broker_address, cell, monkeypat
         release.set()
         assert [p.result(10).payload for p in pending[:2]] == ["done", "done"]
         assert slow.stats["busy"] >= 1
+
+
+@pytest.mark.timeout(120)
+def test_hundreds_of_cells_share_one_context_and_all_exchange_messages(procs):
+    broker, address = procs.broker()
+    count = 300
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 3 * count + 16)  # the default 1,023 sockets hold about 341 Cells
+    cells, notes = [], []
+    try:
+        for i in range(count):
+            cell = Cell(f"many-{i}", address, context=ctx)
+            cell.register_request_cb("test", "echo", lambda m, i=i: [i, m.payload])
+            cell.register_request_cb("test", "note", lambda m: notes.append(m.payload))
+            cells.append(cell.start())
+        pending = [(i, cell.request_async("test", "echo", f"many-{(i + 1) % count}", i))
+                   for i, cell in enumerate(cells)]
+        for i, request in pending:
+            assert request.result(30).payload == [(i + 1) % count, i]
+        for i, cell in enumerate(cells):
+            cell.fire_and_forget("test", "note", f"many-{(i + 7) % count}", i)
+        wait_until(lambda: len(notes) == count, 30)
+        assert sorted(notes) == list(range(count))
+    finally:
+        for cell in cells:
+            cell.stop()
+        ctx.term()  # returns only if every Cell closed its sockets
+    assert "expired" not in broker.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_context_out_of_sockets_gives_a_clear_error_and_leaves_nothing_open(broker_address):
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 3 * 4 + 2)  # four Cells, and room for the fifth's first sockets only
+    cells = []
+    try:
+        for i in range(4):
+            cells.append(Cell(f"site-{i}", broker_address, context=ctx))
+            cells[-1].register_request_cb("test", "echo", lambda m: m.payload)
+            cells[-1].start()
+        with pytest.raises(CellError, match=r"limit of 14 sockets .*zmq.MAX_SOCKETS"):
+            Cell("site-4", broker_address, context=ctx).start()
+        assert cells[0].send_request("test", "echo", "site-3", 1, timeout=10) == 1
+    finally:
+        for cell in cells:
+            cell.stop()
+        ctx.term()  # hangs (and the test times out) if the failed start left a socket open
+
+
+@pytest.mark.timeout(60)
+def test_idle_cells_keep_their_names_with_a_short_node_timeout(procs):
+    broker, address = procs.broker("--node-timeout", "1")
+    with Cell("idle-a", address) as a, Cell("idle-b", address) as b:
+        b.register_request_cb("test", "echo", lambda m: m.payload)
+        threading.Event().wait(3)  # three node timeouts without a message: only heartbeats
+        assert a.send_request("test", "echo", "idle-b", 5, timeout=10) == 5
+    assert "expired" not in broker.stderr
+
+
+def test_the_heartbeat_fits_the_brokers_node_timeout():
+    cell = Cell("site-1", "tcp://127.0.0.1:1", heartbeat_interval=2.0)  # never started
+    assert cell._beat_for({"node_timeout": 5.0}) == 2.0
+    assert cell._beat_for({"node_timeout": 1}) == pytest.approx(0.4)
+    assert cell._beat_for({"node_timeout": 0.001}) == 0.1  # a broker cannot make a cell spin
+    for nonsense in ({}, {"node_timeout": "5"}, {"node_timeout": -1}, {"node_timeout": float("nan")},
+                     {"node_timeout": True}, [5.0]):
+        assert cell._beat_for(nonsense) == 2.0
