@@ -3,12 +3,16 @@
 import os
 import re
 import signal
+import threading
 
 import pytest
 
+from fedstream.common import digest as digests
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.nodes import Cell, FileDownloader, download_file
+from fedstream.nodes.message import Reply
 from fedstream.nodes.pull import wire
+from tests.procs import wait_until
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
 
 MiB = 1 << 20
@@ -211,3 +215,59 @@ def test_stopping_the_owner_cell_ends_its_transactions(broker_address, tmp_path)
         assert "'owner' is not connected" in error
     with pytest.raises(ValueError, match="Unknown transaction"):
         FileDownloader.add_file(tx, str(path))
+
+
+class _HandMadeOwner:
+    """An owner cell that answers `open` with the whole file and the given digest, and records `done`."""
+
+    def __init__(self, cell: Cell, data: bytes, digest: str, verdict: dict) -> None:
+        self.done: list[dict] = []
+        self.released = threading.Event()
+        self.verdict = verdict
+        answer = {"name": "small.bin", "size": len(data), "alg": digests.ALGORITHM, "digest": digest}
+        cell.register_request_cb(wire.CHANNEL, wire.TOPIC_OPEN, lambda message: Reply(data, answer))
+        cell.register_request_cb(wire.CHANNEL, wire.TOPIC_DONE, self._on_done)
+
+    def _on_done(self, message):
+        self.done.append(dict(message.headers))
+        if not self.verdict:  # a `done` request would wait here until the test ends
+            self.released.wait(30)
+        return Reply(None, self.verdict)
+
+
+def _digest_of(data: bytes) -> str:
+    hasher = digests.new_hasher()
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def test_a_file_that_comes_whole_with_open_needs_one_round_trip(broker_address, tmp_path):
+    """The owner's digest in the `open` answer verifies the file; `done` goes one-way, unanswered."""
+    data = os.urandom(3000)
+    ref = wire.new_id()
+    (tmp_path / "out").mkdir()
+    with Cell("owner", broker_address) as owner_cell, Cell("site-1", broker_address) as cell:
+        owner = _HandMadeOwner(owner_cell, data, _digest_of(data), verdict={})
+        try:
+            error, path = download_file("owner", ref, 1, cell, str(tmp_path / "out"))
+            assert error is None and path == str(tmp_path / "out" / "small.bin")
+            wait_until(lambda: owner.done, 10)
+        finally:
+            owner.released.set()
+    with open(path, "rb") as copy:
+        assert copy.read() == data
+    assert owner.done == [{"ref": ref, "digest": _digest_of(data), "alg": digests.ALGORITHM}]
+    assert part_files(str(tmp_path / "out")) == []
+
+
+def test_a_whole_file_that_does_not_match_the_digest_of_open_is_judged_by_done(broker_address, tmp_path):
+    data = os.urandom(3000)
+    (tmp_path / "out").mkdir()
+    with Cell("owner", broker_address) as owner_cell, Cell("site-1", broker_address) as cell:
+        wrong = _digest_of(data + b"!")
+        owner = _HandMadeOwner(owner_cell, data, wrong, verdict={"ok": False, "digest": wrong,
+                                                                 "alg": digests.ALGORITHM})
+        error, path = download_file("owner", wire.new_id(), 5, cell, str(tmp_path / "out"))
+    assert path is None and "does not match the owner's digest" in error
+    assert len(owner.done) == 1 and owner.done[0]["digest"] == _digest_of(data)  # asked, and waited for it
+    assert os.listdir(tmp_path / "out") == []

@@ -8,8 +8,9 @@
    descriptors), so a transaction may share thousands of files.
 3. Handlers: `open` and `done` answer from memory on the Cell's I/O thread (the verdict is posted
    before any callback can run); an `open` that asks for the `first` bytes of the file gets them
-   with its answer, read in the pool (one round trip less: a small file needs `open` and `done`
-   only). `chunk` runs in the Cell's worker pool, reserves the reply's bytes in a `ReplyBudget`
+   with its answer, read in the pool; when they are the whole file, the answer carries the file's
+   digest too, and the recipient confirms with a one-way `done` (a small file costs one round
+   trip). `chunk` runs in the Cell's worker pool, reserves the reply's bytes in a `ReplyBudget`
    (too many in flight to that requester: "busy"), reads straight into a pooled buffer that
    becomes the reply frame, and releases the bytes and the buffer once the frame left the
    process (its tracker is done).
@@ -250,6 +251,9 @@ class PullOwner:
             if isinstance(data, Reply):
                 failed = reply_error(data.headers)
                 return Reply(None, answer) if failed and failed[0] == wire.ERR_BUSY else data
+            if session is None and first >= shared.size and shared.digest_ready.is_set() and shared.digest:
+                # The whole file: its digest lets the recipient verify it and confirm with a one-way `done`.
+                return Reply(data, {**answer, "digest": shared.digest})
             return Reply(data, answer)
 
         return InPool(with_first_bytes)
@@ -313,7 +317,11 @@ class PullOwner:
         return zmq.Frame(memoryview(buffer)[:count], copy=False, track=True)
 
     def _serve_done(self, msg: Message) -> Reply:
-        """Runs on the I/O thread: the verdict is posted before the callback can run (and, say, stop the cell)."""
+        """Runs on the I/O thread: the verdict is posted before the callback can run (and, say, stop the cell).
+
+        A one-way `done` (a recipient that verified a whole file against the digest of `open`) is
+        recorded the same way; its verdict goes nowhere.
+        """
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
             return shared

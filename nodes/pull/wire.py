@@ -2,13 +2,15 @@
 
 Requests travel on CHANNEL; every request names the RID in its headers ("ref"):
 
-- TOPIC_OPEN  {ref, first?}         -> {name, size, alg}, and as payload the file's bytes
+- TOPIC_OPEN  {ref, first?}         -> {name, size, alg, digest?}, and as payload the file's bytes
   [0, first) clipped to its size when the request asked for `first` (at most MAX_CHUNK_LENGTH)
-  and the owner had room for them in its budget; otherwise no payload
+  and the owner had room for them in its budget; otherwise no payload. `digest` (plain downloads
+  only) comes when the payload is the whole file and the owner's digest is ready
 - TOPIC_CHUNK {ref, off, len}       -> raw bytes [off, off+len) clipped to the file size (empty at EOF)
 - TOPIC_DONE  {ref, digest, alg}       -> {ok, digest, alg}; the owner compares the recipient's digest
   with its own and reports the recipient's success (ERR_PENDING while its digest is not ready).
-  {ref, gave_up: true} (one-way) reports a recipient that gave up.
+  {ref, gave_up: true} (one-way) reports a recipient that gave up. {ref, digest, alg} one-way:
+  the recipient verified the whole file that `open` brought against its digest and kept it.
 
 A secure download (secure=True) adds "e2e" to every request. In its `open` it is the
 recipient's offer {cert, salt}; the owner verifies it and answers {e2e: its offer, meta:
