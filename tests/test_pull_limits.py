@@ -135,9 +135,11 @@ def test_a_transaction_of_5000_files_is_served_under_a_1024_open_file_limit(proc
     assert open_fds < 200, f"the owner holds {open_fds} open descriptors"
 
 
-def _resources(pid: "int | str") -> tuple[int, int]:
-    """(open descriptors, threads) of a process."""
-    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+def _resources(pid: "int | str") -> tuple[int, int, int]:
+    """(open descriptors, threads, resident MiB) of a process."""
+    with open(f"/proc/{pid}/statm") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // MiB
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task")), rss
 
 
 def test_back_to_back_pulls_leak_no_descriptors_or_threads(procs, broker_address, tmp_path):
@@ -158,8 +160,12 @@ def test_back_to_back_pulls_leak_no_descriptors_or_threads(procs, broker_address
         before = _resources(owner.proc.pid), _resources("self")
         pull(range(10, 110))
         after = _resources(owner.proc.pid), _resources("self")
-    for (fds_before, threads_before), (fds_after, threads_after) in zip(before, after):
+    for role, (fds_before, threads_before, rss_before), (fds_after, threads_after, rss_after) in \
+            zip(("owner", "recipient"), before, after):
+        print(f"{role}: fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}, "
+              f"RSS {rss_before} -> {rss_after} MiB")
         assert fds_after <= fds_before + 5 and threads_after <= threads_before + 2, (before, after)
+        assert rss_after <= rss_before + 20, (before, after)
 
 
 def test_forty_recipients_in_four_processes_pull_one_file_at_once(procs, broker_address, tmp_path):
