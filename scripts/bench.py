@@ -22,7 +22,11 @@ pushes --push-files (200) files of 64 KiB one after the other (`send_file`); a C
 --round-trips (2000) small requests. Baselines: the same exchanges with bare pyzmq through the
 relay (DEALER -> ROUTER relay -> DEALER): per file a request and a reply carrying the data read
 from the file, written to a new file; per pushed file the data, written, then an acknowledgement;
-bare echo round trips. Every file is checked by name and sha256.
+bare echo round trips. Every file is checked by name and sha256. "bare threaded round trips" are
+the bare echo round trips with a Cell's threads and nothing else of fedstream: the caller posts
+each request on an inproc PUSH (locked) to an I/O thread that polls it and the DEALER and hands the
+reply back in a Future; the echo's I/O thread gives each request to a pool worker that posts the
+reply back to it. Cell round trips over these tell what fedstream costs beyond its thread layout.
 
 --rtt MS[,MS...] runs bare relay 1, pull 1 and push 1 with every node (and bare peer) reaching
 the broker (relay) through a delay proxy of this script: an asyncio TCP forwarder that holds
@@ -56,9 +60,10 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -455,6 +460,63 @@ def role_bare_ping(args) -> None:
     report(start=started, end=time.time(), items=ok - PING_WARMUP)
 
 
+def bare_outbox(sock: zmq.Socket) -> tuple[zmq.Socket, Callable[[list], None]]:
+    """A Cell's outbox, bare: the inproc PULL its I/O thread reads, and post(frames) for other threads (locked PUSH)."""
+    pull = sock.context.socket(zmq.PULL)
+    pull.bind("inproc://outbox")
+    push = sock.context.socket(zmq.PUSH)
+    push.connect("inproc://outbox")
+    lock = threading.Lock()
+
+    def post(frames: list) -> None:
+        with lock:
+            push.send_multipart(frames, copy=False)
+
+    return pull, post
+
+
+def bare_io_loop(sock: zmq.Socket, outbox: zmq.Socket, on_message: Callable[[list], None]) -> None:
+    """A Cell's I/O thread, bare: send what the outbox holds to the relay, give what the relay sends to on_message."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(outbox, zmq.POLLIN)
+    while True:  # until the process ends
+        for ready, _ in poller.poll():
+            if ready is outbox:
+                sock.send_multipart(outbox.recv_multipart(copy=False), copy=False)
+            else:
+                on_message(sock.recv_multipart(copy=False))
+
+
+def role_bare_threaded_echo(args) -> None:
+    """bare-echo with a Cell's threads: the I/O thread gives each request to a pool worker, which posts the reply."""
+    sock = bare_peer(args, b"echo")
+    outbox, post = bare_outbox(sock)
+    pool = ThreadPoolExecutor(8)  # a Cell's default number of workers
+    print("READY", flush=True)
+    bare_io_loop(sock, outbox, lambda frames: pool.submit(post, frames))
+
+
+def role_bare_threaded_ping(args) -> None:
+    """bare-ping with a Cell's threads: each request goes out by the outbox, its reply comes back in a Future."""
+    sock = bare_peer(args, b"ping")
+    outbox, post = bare_outbox(sock)
+    waiting: deque[Future] = deque()  # one request in flight, so replies come in order
+    threading.Thread(target=bare_io_loop, args=(sock, outbox, lambda frames: waiting.popleft().set_result(frames)),
+                     daemon=True).start()
+    payload = os.urandom(PING_SIZE)
+    ok = 0
+    for number in range(PING_WARMUP + args.count):
+        if number == PING_WARMUP:
+            started = time.time()
+        reply: Future = Future()
+        waiting.append(reply)
+        post([b"echo", payload])
+        _sender, answer = reply.result(10.0)
+        ok += answer.bytes == payload
+    report(start=started, end=time.time(), items=ok - PING_WARMUP)
+
+
 def role_cell_echo(args) -> None:
     from fedstream.nodes import Cell
 
@@ -551,6 +613,7 @@ ROLES = {
     "bare-files-owner": role_bare_files_owner, "bare-files-recv": role_bare_files_recv,
     "bare-push-send": role_bare_push_send, "bare-push-recv": role_bare_push_recv,
     "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo, "cell-ping": role_cell_ping,
+    "bare-threaded-echo": role_bare_threaded_echo, "bare-threaded-ping": role_bare_threaded_ping,
     "delay-proxy": role_delay_proxy,
 }
 
@@ -1010,14 +1073,16 @@ class Bench:
             run.close()
         return run
 
-    def bare_round_trips(self) -> Run:
-        run = Run("bare round trips", 1, self.workdir)
+    def bare_round_trips(self, threaded: bool = False) -> Run:
+        """Echo round trips through the relay; `threaded`: each side with a Cell's threads (bare-threaded-*)."""
+        run = Run("bare threaded round trips" if threaded else "bare round trips", 1, self.workdir)
+        roles = "bare-threaded" if threaded else "bare"
         try:
             relay = run.start("relay", "relay")
             address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
-            echo = run.start("echo", "bare-echo", "--connect", address)
+            echo = run.start("echo", f"{roles}-echo", "--connect", address)
             echo.line("READY")
-            ping = run.start("ping", "bare-ping", "--connect", address, "--count", str(self.round_trips))
+            ping = run.start("ping", f"{roles}-ping", "--connect", address, "--count", str(self.round_trips))
             result = ping.finish()
             echo.stop()
             relay.stop()
@@ -1095,7 +1160,7 @@ def merged_notes(bench: Bench, name: str) -> list[str]:
 def print_runs(bench: Bench) -> None:
     """The table of runs: each run as measured (one round), or its median and range over the rounds."""
     rounds = len(bench.rounds)
-    name_width = 20 if bench.rtts else 18 if bench.small else 16
+    name_width = 20 if bench.rtts else 27 if bench.small else 16
     figure = "per s" if bench.small else "MB/s"
     figure_width = 9 if rounds == 1 else 24
     if rounds > 1:
@@ -1170,6 +1235,10 @@ def print_report(bench: Bench) -> bool:
             ("pull per file vs bare (target <= 2x)", "pull files", "bare pull files", "ms"),
             ("push per file vs bare (target <= 2x)", "push files", "bare push files", "ms"),
             ("request/reply vs bare (target >= 0.7x)", "cell round trips", "bare round trips", "rate"),
+            ("request/reply vs bare with the Cell's threads", "cell round trips", "bare threaded round trips",
+             "rate"),
+            ("bare with the Cell's threads vs bare (what the threads cost)", "bare threaded round trips",
+             "bare round trips", "rate"),
         ]
     else:
         checks = [
@@ -1259,7 +1328,9 @@ def main() -> int:
             bench.make_small()
             plan = [("bare pull files", bench.bare_pull_small), ("pull files", bench.pull_small),
                     ("bare push files", bench.bare_push_small), ("push files", bench.push_small),
-                    ("bare round trips", bench.bare_round_trips), ("cell round trips", bench.cell_round_trips)]
+                    ("bare round trips", bench.bare_round_trips),
+                    ("bare threaded round trips", lambda: bench.bare_round_trips(threaded=True)),
+                    ("cell round trips", bench.cell_round_trips)]
         else:
             print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
             bench.make_source()
