@@ -37,6 +37,7 @@ from fedstream.broker.registry import Registry
 from fedstream.common import protocol as proto
 from fedstream.common.address import Endpoint, derive_fanout, parse_endpoint, reachable
 from fedstream.common.fqcn import MAX_FQCN_LENGTH, is_valid_fqcn
+from fedstream.common.frames import NOBLOCK, recv_frames, send_frames
 from fedstream.common.kits import Kit, PathLike, load_kit
 from fedstream.common.peerlog import PeerErrors
 
@@ -289,10 +290,10 @@ class Broker:
                 if xsub in events:
                     for _ in range(_DRAIN_BATCH):
                         try:
-                            frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(xsub, NOBLOCK)
                         except zmq.Again:
                             break
-                        xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)  # a full subscriber drops
+                        send_frames(xpub, frames, NOBLOCK)  # a full subscriber drops
             except zmq.ZMQError as exc:
                 if self._stop.is_set():
                     return
@@ -326,7 +327,7 @@ class Broker:
                 received = 0
                 for _ in range(_DRAIN_BATCH):
                     try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(router, NOBLOCK)
                     except zmq.Again:
                         break
                     received += sum(len(frame) for frame in frames)
@@ -367,7 +368,7 @@ class Broker:
         size = sum(len(frame) for frame in frames[1:])
         try:
             if size < TRACK_MIN:
-                router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(router, frames, NOBLOCK)
                 return None
             if not self._outflow.admit(identity, size):
                 self.stats["dropped_full"] += 1

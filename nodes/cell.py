@@ -59,6 +59,7 @@ from fedstream.common.errors import (
     UnreachableError,
 )
 from fedstream.common.fqcn import validate_fqcn
+from fedstream.common.frames import NOBLOCK, POLLIN, POLLOUT, recv_frames, send_frames
 from fedstream.common.peerlog import PeerErrors
 from fedstream.nodes.message import (
     KIND_ERROR,
@@ -506,7 +507,7 @@ class Cell:
             if self._out_push.closed:
                 raise CellError(f"Cell '{self.fqcn}' stopped.")
             try:
-                self._out_push.send_multipart(frames, copy=False)
+                send_frames(self._out_push, frames)
             except zmq.Again:
                 raise CellError(f"Cell '{self.fqcn}' cannot send: its I/O thread is stuck.") from None
 
@@ -541,7 +542,7 @@ class Cell:
             self._queue_backlog(frames)
             return
         try:
-            self._dealer.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send_frames(self._dealer, frames, NOBLOCK)
         except zmq.Again:
             if self._registered.is_set():
                 self._queue_backlog(frames)
@@ -555,7 +556,7 @@ class Cell:
     def _flush_backlog(self) -> None:
         while self._backlog:
             try:
-                self._dealer.send_multipart(self._backlog[0], zmq.NOBLOCK, copy=False)
+                send_frames(self._dealer, self._backlog[0], NOBLOCK)
             except zmq.Again:
                 return
             self._backlog_bytes -= sum(len(frame) for frame in self._backlog.popleft())
@@ -606,38 +607,38 @@ class Cell:
             # While the connection is full, stop taking new messages: senders feel backpressure.
             # Past a byte limit, stop reading requests too, so replies cannot pile up without bound.
             # A REGISTER the connection could not take yet goes out as soon as it can (POLLOUT).
-            reading = zmq.POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
-            writing = zmq.POLLOUT if self._backlog or self._register_due else 0
+            reading = POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
+            writing = POLLOUT if self._backlog or self._register_due else 0
             poller.register(self._dealer, reading | writing)
-            poller.register(self._out_pull, 0 if self._backlog else zmq.POLLIN)
+            poller.register(self._out_pull, 0 if self._backlog else POLLIN)
             if self._monitor is not None:
                 if self._reg_answer.is_set():
                     poller.register(self._monitor, 0)  # flags 0: no longer polled
                     self._close_monitor()
                 else:
-                    poller.register(self._monitor, zmq.POLLIN)
+                    poller.register(self._monitor, POLLIN)
             events = dict(poller.poll(max(0, int(timeout * 1000) + 1)))
-            if self._monitor is not None and events.get(self._monitor, 0) & zmq.POLLIN:
+            if self._monitor is not None and events.get(self._monitor, 0) & POLLIN:
                 self._watch_handshake()
-            if events.get(self._dealer, 0) & zmq.POLLOUT:
+            if events.get(self._dealer, 0) & POLLOUT:
                 if self._register_due and not self._backlog:
                     self._register_with_broker()
                 if self._backlog:
                     self._flush_backlog()
-            if events.get(self._out_pull, 0) & zmq.POLLIN:
+            if events.get(self._out_pull, 0) & POLLIN:
                 for _ in range(256):
                     try:
-                        frames = self._out_pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(self._out_pull, NOBLOCK)
                     except zmq.Again:
                         break
                     if len(frames) > 1 or len(frames[0]):
                         self._to_broker(frames)
                     if self._backlog:
                         break
-            if events.get(self._dealer, 0) & zmq.POLLIN:
+            if events.get(self._dealer, 0) & POLLIN:
                 for _ in range(256):
                     try:
-                        frames = self._dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = recv_frames(self._dealer, NOBLOCK)
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
@@ -688,7 +689,7 @@ class Cell:
                     self._flush_backlog()
                 continue
             try:
-                frames = self._out_pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._out_pull, NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) > 1 or len(frames[0]):

@@ -1,0 +1,32 @@
+"""Multipart send and receive for the hot paths, with plain int flags.
+
+pyzmq's `send_multipart`/`recv_multipart` and its flag constants go through Python enums on every
+call (a `SocketOption` lookup per `RCVMORE` query, a new `Flag` per `|` and `&`): about 3 µs per
+message each way, a tenth of a small request's cost in a Cell. These helpers do the same with ints.
+"""
+
+from typing import Sequence
+
+import zmq
+
+POLLIN = int(zmq.POLLIN)
+POLLOUT = int(zmq.POLLOUT)
+NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
+    """Send `frames` as one message without copying (what `send_multipart(frames, flags, copy=False)` does)."""
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        sock.send(frame, flags | _SNDMORE if index < last else flags, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
+    """Receive one whole message as zmq.Frames (what `recv_multipart(flags, copy=False)` does)."""
+    frame = sock.recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(flags, copy=False)
+        frames.append(frame)
+    return frames
