@@ -80,15 +80,14 @@ log = logging.getLogger(__name__)
 
 RequestCallback = Callable[[Message], Any]
 
-DEFAULT_HEARTBEAT = 2.0  # seconds between heartbeats (at most; see _BEATS_PER_NODE_TIMEOUT)
+DEFAULT_HEARTBEAT = 4.0  # seconds between heartbeats (at most; see _BEATS_PER_NODE_TIMEOUT)
 _BEATS_PER_NODE_TIMEOUT = 2.5  # heartbeats within the broker's node timeout, whatever heartbeat_interval says
 _MIN_BEAT = 0.1  # seconds: the shortest heartbeat interval a broker's node timeout can ask for
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
-# ZMTP pings (answered by libzmq, not by the I/O thread) only find dead TCP connections, so the socket
-# reconnects; the heartbeats above find a silent broker. 1 s pings cost 1000 idle Cells 2-3% of a core.
-_ZMTP_HEARTBEAT_IVL = 5000  # ms
-_ZMTP_HEARTBEAT_TIMEOUT = 5000  # ms without traffic after a ping before the connection is dropped
+# A dead TCP connection is found by libzmq, not by the I/O thread: the broker's ZMTP pings tell each Cell's
+# libzmq to drop (and reconnect) a connection that carried nothing from the broker for their TTL. Cells send
+# no pings of their own; the heartbeats above find a silent broker.
 _BACKLOG_TICK = 0.2  # seconds between looks at the stop flag while the broker connection is full
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
@@ -297,8 +296,6 @@ class Cell:
         dealer.setsockopt(zmq.RCVHWM, _OUT_HWM)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT)
         if self._broker_endpoint.is_ipv6:
             dealer.setsockopt(zmq.IPV6, 1)
         self.secure_socket(dealer)

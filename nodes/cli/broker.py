@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from fedstream.broker.broker import DEFAULT_NODE_TIMEOUT
 from fedstream.nodes.cli.options import EXIT_USAGE, fail, setup_logging, verbose_option, wait_for_termination
 
 
@@ -22,7 +23,7 @@ from fedstream.nodes.cli.options import EXIT_USAGE, fail, setup_logging, verbose
                    "host * = the broker host the node uses.")
 @click.option("--advertise-fanout-out", default=None, metavar="URL",
               help="What nodes are told to connect to for --fanout-out.")
-@click.option("--node-timeout", default=5.0, show_default=True, type=float,
+@click.option("--node-timeout", default=DEFAULT_NODE_TIMEOUT, show_default=True, type=float,
               help="Seconds without a heartbeat before a node is dropped.")
 @click.option("--kit", default=None, metavar="DIR",
               help="The broker's kit (DIR/broker from `fedstream provision`): admit only this project's nodes.")
