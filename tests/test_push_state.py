@@ -1,9 +1,10 @@
-"""The push protocol decisions without sockets: PushWindow (owner) and Assembly (receiver)."""
+"""The push protocol decisions without sockets: PushWindow (owner), Assembly (receiver), the one-chunk path."""
 
 import pytest
 
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes.push.assembly import MAX_HOLES, Assembly
+from fedstream.nodes.push import wire
+from fedstream.nodes.push.assembly import MAX_HOLES, Assembly, RepairAsk
 from fedstream.nodes.push.window import Ack, Cancelled, Fail, PushWindow, Ready, choose_repair
 
 T0 = 1000.0
@@ -216,8 +217,72 @@ def test_other_targets_moving_counts_as_progress_for_a_complete_receiver():
     assert a.expired(T0 + 30.0) is None
 
 
+# -- the one-chunk path ------------------------------------------------------------------------
+KIB = 1024
+
+
+@pytest.mark.parametrize("size,chunk_size,expected", [
+    (0, 1 << 20, True), (1, 1 << 20, True), (64 * KIB, 1 << 20, True),
+    (256 * KIB, 1 << 20, True), (256 * KIB + 1, 1 << 20, False),  # the 256 KiB bound
+    (64 * KIB, 64 * KIB, True), (64 * KIB + 1, 64 * KIB, False),  # one chunk only
+    (4 * KIB, 4 * KIB, True), (0, 1, True), (2, 1, False),
+])
+def test_one_chunk_path_takes_files_of_one_chunk_up_to_256_kib(size, chunk_size, expected):
+    assert wire.one_chunk_path(size, chunk_size, secure=False, start_bytes=300) is expected
+
+
+def test_one_chunk_path_is_for_plain_streams_with_a_small_start_description():
+    assert not wire.one_chunk_path(1000, 1 << 20, secure=True, start_bytes=300)
+    assert wire.one_chunk_path(1000, 1 << 20, secure=False, start_bytes=wire.ONE_CHUNK_MAX_START)
+    assert not wire.one_chunk_path(1000, 1 << 20, secure=False, start_bytes=wire.ONE_CHUNK_MAX_START + 1)
+
+
+def one_chunk_start(size: int, **changes: object) -> dict:
+    info = {"v": wire.WIRE_VERSION, "sid": wire.new_stream_id(), "name": "x.bin", "size": size,
+            "chunk_size": 1 << 20, "count": wire.chunk_count(size, 1 << 20), "window": 16, "chunk_timeout": 5.0,
+            "algo": "xxh3_128", "ctx": {}, "digest": "0" * 32}
+    info.update(changes)
+    return info
+
+
+@pytest.mark.parametrize("size", [0, 1, 256 * KIB])
+def test_a_well_formed_one_chunk_start_is_accepted(size):
+    info = one_chunk_start(size)
+    assert wire.check_one_chunk_start(info, size) is info
+
+
+@pytest.mark.parametrize("headers,length,reason", [
+    (one_chunk_start(10), 9, "payload has 9 bytes"),  # the payload is not the whole file
+    (one_chunk_start(10), 11, "payload has 11 bytes"),
+    (one_chunk_start(256 * KIB + 1), 256 * KIB + 1, "one chunk of at most"),
+    (one_chunk_start(200, chunk_size=100, count=2), 200, "one chunk of at most"),
+    (one_chunk_start(200, chunk_size=100, count=1), 200, "chunk count"),  # check_start still applies
+    (one_chunk_start(10, digest=None), 10, "digest"),
+    (one_chunk_start(10, digest=""), 10, "digest"),
+    (one_chunk_start(10, digest="f" * 129), 10, "digest"),
+    (one_chunk_start(10, e2e={}), 10, "secure"),
+    (one_chunk_start(10, v=99), 10, "version"),
+    ({}, 0, "version"),
+])
+def test_malformed_one_chunk_starts_are_refused(headers, length, reason):
+    with pytest.raises(ValueError, match=reason):
+        wire.check_one_chunk_start(headers, length)
+
+
+def test_a_one_chunk_stream_is_complete_once_stored_then_only_waits_for_its_owner():
+    a = Assembly(count=1, window=16, chunk_timeout=1.0, now=T0)
+    assert a.admit(0) and a.stored(0, T0) == [0] and a.complete
+    a.progressed(T0)  # the start request verified it
+    assert not a.repair_due(T0 + 0.1) and a.repair_due(T0 + a.nudge_interval)  # a quiet owner is asked after
+    assert a.repair_request() == RepairAsk(1, [], 1)  # nothing missing: the question carries no request
+    assert a.expired(T0 + a.idle_timeout) is None
+    assert "nothing from the sender" in a.expired(T0 + a.idle_timeout + 0.01)
+    empty = Assembly(count=0, window=16, chunk_timeout=1.0, now=T0)
+    assert empty.complete and not empty.admit(0)
+
+
 # -- the rule that makes this file possible ----------------------------------------------------
-@pytest.mark.parametrize("name", ["window.py", "assembly.py"])
+@pytest.mark.parametrize("name", ["window.py", "assembly.py", "wire.py"])
 def test_protocol_state_imports_no_io(name):
     import ast
     from pathlib import Path

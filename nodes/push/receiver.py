@@ -17,6 +17,11 @@ moves for a bounded time. The owner's "verify" compares the digest; "commit" ren
 file into place. Every stream ends exactly once, with stream_done_cb on the stream's own
 thread (never the Cell's I/O thread), and a failed stream leaves no file behind.
 
+A one-chunk "start" (its payload is the whole file, its headers the description and the
+digest; wire.check_one_chunk_start) is stored and verified by the start handler itself,
+which answers "verified"; the stream's thread then opens no SUB socket and only waits for
+the owner's commit or abort, asking after a quiet owner as a complete stream does.
+
 Only a stream's owner (the broker-stamped source of its "start") may verify, commit or
 abort it, or answer its repair requests; anything else is counted in `ignored` and dropped.
 Slots are fair: at most MAX_STREAMS_PER_SENDER streams from one sender at a time, and a
@@ -124,7 +129,7 @@ class _Stream:
     """One incoming stream: its .part file, its Assembly, and the thread that receives it."""
 
     def __init__(self, side: "ReceiverSide", reg: _Registration, info: dict, key: Optional[StreamKey], owner: str,
-                 part_path: str, fd: int, secure: Optional[_Secure] = None) -> None:
+                 part_path: str, fd: int, secure: Optional[_Secure] = None, one_chunk: bool = False) -> None:
         self.side = side
         self.cell = side.cell
         self.tuning = side.tuning
@@ -139,9 +144,10 @@ class _Stream:
         self.chunk_timeout = float(info["chunk_timeout"])
         self.name = sanitize_name(info["name"])
         self.secure = secure
+        self.one_chunk = one_chunk  # the whole file came with start: no fan-out, no key
         self.sealer: Optional[Sealer] = Sealer(key) if key is not None else None  # a secure stream's comes later
         self.key_ready = threading.Event()
-        if key is not None:
+        if secure is None:
             self.key_ready.set()
         self.part_path = part_path
         self.fd = fd
@@ -251,6 +257,10 @@ class _Stream:
     def _receive(self) -> None:
         if not self._wait_for_key():
             return
+        if self.assembly.complete:  # nothing (more) comes on the fan-out: an empty file or a one-chunk start
+            while not self.ended.wait(min(0.1, self.assembly.nudge_interval)):
+                self._tend()
+            return
         _, address = self.cell.fanout_endpoints
         sub = self.cell.context.socket(zmq.SUB)
         self.cell.secure_socket(sub)  # CURVE client of a secure broker (no-op without a kit)
@@ -270,16 +280,20 @@ class _Stream:
                 self._ack()
                 if self.ended.is_set():
                     break
-                with self.lock:
-                    due = self.assembly.repair_due(time.monotonic())
-                if due:
-                    self._repair()
-                with self.lock:
-                    expired = self.assembly.expired(time.monotonic())
-                if expired:
-                    self.end(ReturnCode.TIMEOUT, f"{expired} ('{self.owner}')")
+                self._tend()
         finally:
             sub.close(linger=0)
+
+    def _tend(self) -> None:
+        """Ask the owner for what is missing (or whether it is still there) when due; end the stream if expired."""
+        with self.lock:
+            due = self.assembly.repair_due(time.monotonic())
+        if due:
+            self._repair()
+        with self.lock:
+            expired = self.assembly.expired(time.monotonic())
+        if expired:
+            self.end(ReturnCode.TIMEOUT, f"{expired} ('{self.owner}')")
 
     def _drain(self, sub: zmq.Socket) -> None:
         """Take what the SUB holds, but at most half a window before acking."""
@@ -424,7 +438,32 @@ class _Stream:
                     "stream %s: dropped repaired chunk %d, which failed authentication", self.sid, seq)
         return data
 
-    # -- the owner's finishing requests (Cell worker threads) ------------------------------
+    # -- the owner's requests (Cell worker threads) ----------------------------------------
+    def take_one_chunk(self, data: bytes, digest: str) -> Reply:
+        """A one-chunk start: store the whole file that came with it and verify it; the start's answer."""
+        if self.count:
+            try:
+                self._store(0, memoryview(data), repaired=False)
+            except OSError as exc:
+                reason = f"cannot write to {self.reg.dest_dir}: {exc.strerror or exc}"
+                self.end(ReturnCode.ERROR, reason, notify_owner=False)
+                return Reply.failure(wire.ERR_IO, reason)
+        reply = self.verify(digests.ALGORITHM, digest)
+        if reply_error(reply.headers) is None:
+            reply.headers["verified"] = True
+        return reply
+
+    def start_reply(self) -> Reply:
+        """The answer to the owner's start, asked again."""
+        if self.one_chunk:
+            with self.lock:
+                if not self.verified or self.rc not in (None, ReturnCode.OK):
+                    return Reply.failure(wire.ERR_ENDED, f"the stream already ended ({self.rc}: {self.reason})")
+            return Reply(None, {"sid": self.sid, "verified": True})
+        if self.secure is not None:
+            return Reply(None, {"sid": self.sid, "e2e": self.secure.offer})
+        return Reply(None, {"sid": self.sid})
+
     def verify(self, algo: object, digest: object, sealed: object = None) -> Reply:
         """The owner's "verify": compare its digest (sealed, for a secure stream) with the received data."""
         if self.secure is not None:
@@ -515,13 +554,19 @@ class ReceiverSide:
             self._ended.popitem(last=False)
 
     def _on_start(self, reg: _Registration, message: Message) -> Reply:
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else None  # a one-chunk start: the whole file
+        key = None
         try:
-            info = wire.check_start(message.payload)
-            key = StreamKey.from_wire(info.get("seal")) if "e2e" not in info else None
+            if data is not None:
+                info = wire.check_one_chunk_start(message.headers, len(data))
+            else:
+                info = wire.check_start(payload)
+                key = StreamKey.from_wire(info.get("seal")) if "e2e" not in info else None
         except ValueError as exc:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
         secure = None
-        if key is None:
+        if key is None and data is None:
             try:
                 secure = self._secure_start(info, message.source)
             except ValueError as exc:
@@ -534,8 +579,10 @@ class ReceiverSide:
             if sid in self._streams:
                 if self._owners.get(sid) == message.source:  # the owner asks again
                     running = self._streams[sid]
-                    if running is not None and running.secure is not None:
-                        return Reply(None, {"sid": sid, "e2e": running.secure.offer})
+                    if running is not None:
+                        return running.start_reply()
+                    if data is not None:  # still being set up: no verdict yet
+                        return Reply.failure(wire.ERR_ENDED, f"stream {sid} is not verified yet")
                     return Reply(None, {"sid": sid})
                 self.ignored_senders.add(message.source, "'start'", sid)
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
@@ -549,10 +596,11 @@ class ReceiverSide:
             self._streams[sid] = None
             self._owners[sid] = message.source
         try:
-            stream = self._open(reg, info, key, message.source, secure)
+            stream = self._open(reg, info, key, message.source, secure, data is not None)
         except (OSError, ValueError) as exc:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
+        reply = stream.take_one_chunk(data, info["digest"]) if data is not None else stream.start_reply()
         with self._lock:
             aborted = sid in self._ended
             self._streams[sid] = stream
@@ -560,10 +608,8 @@ class ReceiverSide:
             stream.end(ReturnCode.TASK_ABORTED, "the sender aborted the stream", notify_owner=False)
         stream.thread.start()
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'%s", sid, stream.name, stream.size, message.source,
-                  " (secure)" if secure else "")
-        if secure is not None:
-            return Reply(None, {"sid": sid, "e2e": secure.offer})
-        return Reply(None, {"sid": sid})
+                  " (secure)" if secure else " (one chunk)" if data is not None else "")
+        return reply
 
     def _secure_start(self, info: dict, owner: str) -> _Secure:
         """Check a secure start's certificate and agree the pairwise key; ValueError with the reason."""
@@ -580,7 +626,7 @@ class ReceiverSide:
         return _Secure(pairwise, wire.start_binding(info), e2e.offer(kit, salt))
 
     def _open(self, reg: _Registration, info: dict, key: Optional[StreamKey], owner: str,
-              secure: Optional[_Secure] = None) -> _Stream:
+              secure: Optional[_Secure] = None, one_chunk: bool = False) -> _Stream:
         cell_name = self.cell.fqcn
         if not os.path.isdir(reg.dest_dir):
             raise ValueError(f"'{cell_name}' has no destination directory {reg.dest_dir!r}")
@@ -594,7 +640,7 @@ class ReceiverSide:
                 break
             except FileExistsError:
                 continue
-        return _Stream(self, reg, info, key, owner, path, fd, secure)
+        return _Stream(self, reg, info, key, owner, path, fd, secure, one_chunk)
 
     def _stream_from_owner(self, message: Message) -> Optional[_Stream]:
         """The running stream the message names, if its sender is the stream's owner."""

@@ -19,6 +19,12 @@ when a target stalled and what to repair is made by nodes/push/window.py, socket
    (every target compares the digest) and "commit" (every target renames its .part into
    place). Any failure aborts the stream for every target.
 
+The one-chunk path (a plain stream whose whole file fits in one chunk of at most 256 KiB,
+wire.one_chunk_path) replaces steps 1 and 3-5: the owner reads the file once, checks the
+source, and sends it with its digest inside each target's "start"; every target stores and
+verifies it there and answers "verified". Then "commit" as in step 5: two round trips, no
+XPUB socket, probes or acks.
+
 The stream runs on the caller's thread; `OwnerSide` (one per cell, in its PushService)
 hands the targets' events to it through a queue and answers repair requests in the Cell's
 worker pool. Only the targets of a stream are heard; replies forged by others are counted.
@@ -42,7 +48,7 @@ from fedstream.common import e2e
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_TIMEOUT, MAX_CHUNK_SIZE
 from fedstream.common.errors import CellError, RemoteError, UnreachableError
 from fedstream.common.fqcn import validate_fqcn
-from fedstream.common.protocol import is_json_compatible
+from fedstream.common.protocol import encode_json, is_json_compatible
 from fedstream.common.kits import Kit
 from fedstream.common.rc import ReturnCode
 from fedstream.nodes.cell import Cell, PendingRequest
@@ -77,6 +83,7 @@ class PushResult:
     seconds: float = 0.0
     bytes_published: int = 0  # chunk bytes sent on the fan-out (the file size once, on success)
     bytes_repaired: int = 0  # chunk bytes sent again by unicast repair
+    bytes_in_start: int = 0  # one-chunk path: file bytes sent inside start requests (the file size per target)
 
 
 class _Failure(Exception):
@@ -333,7 +340,13 @@ class _Push:
         self.xpub: Optional[zmq.Socket] = None
         self.started: list[str] = []  # targets that may hold stream state (to abort)
         self.bytes_published = 0
+        self.bytes_in_start = 0
         self.reported = -1
+        self.start_info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": name, "size": self.size,
+                           "chunk_size": chunk_size, "count": self.count, "window": self.window.window,
+                           "chunk_timeout": chunk_timeout, "algo": digests.ALGORITHM, "ctx": stream_ctx}
+        self.one_chunk = wire.one_chunk_path(self.size, chunk_size, kit is not None,
+                                             len(encode_json(self.start_info)))
 
     # -- the stream ------------------------------------------------------------------------
     def run(self) -> PushResult:
@@ -341,13 +354,16 @@ class _Push:
         self.owner.add(self.session)
         ok = False
         try:
-            if self.count:
-                self._open_fanout()
-            self._start_targets()
-            if self.count:
-                self._wait_ready()
-                self._publish()
-            self._finish()
+            if self.one_chunk:
+                self._push_one_chunk()
+            else:
+                if self.count:
+                    self._open_fanout()
+                self._start_targets()
+                if self.count:
+                    self._wait_ready()
+                    self._publish()
+                self._finish()
             ok = True
             log.info("stream %s: pushed '%s' (%d bytes) to %s in %.2f s", self.sid, self.name, self.size,
                      ",".join(self.targets), time.monotonic() - began)
@@ -374,7 +390,7 @@ class _Push:
 
     def _result(self, rc: ReturnCode, ok: bool, error: Optional[str], began: float) -> PushResult:
         return PushResult(rc, ok, error, self.size, time.monotonic() - began, self.bytes_published,
-                          self.session.bytes_repaired)
+                          self.session.bytes_repaired, self.bytes_in_start)
 
     def _check_verdict(self) -> None:
         verdict = self.window.verdict
@@ -405,9 +421,7 @@ class _Push:
 
     # -- the steps on the ROUTER path ------------------------------------------------------
     def _start_targets(self) -> None:
-        info = {"v": wire.WIRE_VERSION, "sid": self.sid, "name": self.name, "size": self.size,
-                "chunk_size": self.chunk_size, "count": self.count, "window": self.window.window,
-                "chunk_timeout": self.chunk_timeout, "algo": digests.ALGORITHM, "ctx": self.stream_ctx}
+        info = dict(self.start_info)
         salt = e2e.new_salt()
         if self.kit is None:
             info["seal"] = self.stream_key.to_wire()
@@ -423,6 +437,33 @@ class _Push:
         replies = self._step("start", send)
         if self.kit is not None:
             self._deliver_keys(replies, salt, wire.start_binding(info))
+
+    def _push_one_chunk(self) -> None:
+        """The one-chunk path: the whole file and its digest in every target's start, each verifies; then commit."""
+        data = os.pread(self.fd, self.size, 0) if self.size else b""
+        if len(data) != self.size:
+            raise _Failure(ReturnCode.ERROR, f"'{self.name}' became shorter while it was being streamed")
+        self._check_source()  # what was read is the file as it was when the push began
+        self.hasher.update(data)
+        headers = {**self.start_info, "digest": self.hasher.hexdigest()}
+
+        def send(target: str) -> PendingRequest:
+            pending = self.cell.request_async(self.channel, self.topic, target, payload=data, headers=headers)
+            self.bytes_in_start += self.size
+            if target not in self.started:
+                self.started.append(target)
+            return pending
+
+        replies = self._step("start", send)
+        for target in self.targets:
+            if replies[target].headers.get("verified") is not True:
+                raise _Failure(ReturnCode.ERROR, f"target '{target}' did not verify the file sent with 'start'")
+        self._take_events(0)  # a target that failed since, or the cell stopping
+        self._check_verdict()
+        if self.progress is not None:
+            self._report(self.size)
+        self._step("commit", self._sender(wire.TOPIC_COMMIT, {"sid": self.sid}))
+        self.started = []
 
     def _deliver_keys(self, replies: dict[str, Message], salt: bytes, binding: bytes) -> None:
         """Verify each target's certificate and send it the stream key wrapped under their pairwise key."""
