@@ -85,9 +85,10 @@ _BEATS_PER_NODE_TIMEOUT = 2.5  # heartbeats within the broker's node timeout, wh
 _MIN_BEAT = 0.1  # seconds: the shortest heartbeat interval a broker's node timeout can ask for
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
 _OUT_HWM = 1000
-# A dead TCP connection is found by libzmq, not by the I/O thread: the broker's ZMTP pings tell each Cell's
-# libzmq to drop (and reconnect) a connection that carried nothing from the broker for their TTL. Cells send
-# no pings of their own; the heartbeats above find a silent broker.
+# ZMTP pings (answered by libzmq, not by the I/O thread) only find dead TCP connections, so that the socket
+# reconnects; the heartbeats above find a silent broker. Every 10 s: 1000 idle Cells barely notice them.
+_ZMTP_HEARTBEAT_IVL = 10_000  # ms
+_ZMTP_HEARTBEAT_TIMEOUT = 10_000  # ms without traffic after a ping before the connection is dropped
 _BACKLOG_TICK = 0.2  # seconds between looks at the stop flag while the broker connection is full
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
@@ -185,6 +186,7 @@ class Cell:
         self._handshake_failure: Optional[dict] = None  # a monitor event: the broker refused the handshake
         self._connected = threading.Event()  # something accepted the connection (a monitor event)
         self._monitor: Optional[zmq.Socket] = None
+        self._poller: Optional[zmq.Poller] = None  # the I/O thread's
         self._fanout: tuple[str, str] = ("", "")
         self._thread: Optional[threading.Thread] = None
         self._executor: Optional[ThreadPoolExecutor] = None
@@ -296,6 +298,8 @@ class Cell:
         dealer.setsockopt(zmq.RCVHWM, _OUT_HWM)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT)
         if self._broker_endpoint.is_ipv6:
             dealer.setsockopt(zmq.IPV6, 1)
         self.secure_socket(dealer)
@@ -308,6 +312,8 @@ class Cell:
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
+            if self._poller is not None:
+                self._poller.register(self._monitor, 0)  # flags 0: no longer polled
             self._dealer.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
@@ -591,7 +597,7 @@ class Cell:
 
     def _serve(self) -> None:
         """Move messages until stop(); sleep in poll until a socket is ready or the next heartbeat is due."""
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         self._beat = self._hb_interval
         self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
         self._register_with_broker()
@@ -610,7 +616,6 @@ class Cell:
             poller.register(self._out_pull, 0 if self._backlog else POLLIN)
             if self._monitor is not None:
                 if self._reg_answer.is_set():
-                    poller.register(self._monitor, 0)  # flags 0: no longer polled
                     self._close_monitor()
                 else:
                     poller.register(self._monitor, POLLIN)
@@ -743,6 +748,7 @@ class Cell:
             self._reg_reason = None
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
+            self._close_monitor()  # the handshake it watched succeeded: gone before start() returns
             self._registered.set()
         else:
             reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")

@@ -132,7 +132,7 @@ def test_retry_after_finishing_gets_clean_eof_and_no_second_callback(procs, brok
 
 def test_shutdown_ends_transactions_and_reports_unfinished_recipients(procs, broker_address, tmp_path):
     source = str(tmp_path / "big.bin")
-    make_file(source, 4 * MiB)
+    make_file(source, 16 * MiB)  # 256 chunks at 0.05 s each: still downloading when the owner shuts down
     owner, refs = start_owner(procs, broker_address, [source], tx_kwargs={"k": "v"})
     out = tmp_path / "out"
     out.mkdir()

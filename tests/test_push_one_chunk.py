@@ -145,6 +145,7 @@ def test_malformed_one_chunk_starts_are_refused_without_leaving_files(procs, bro
         (data, start_headers(data, digest=None)),
         (data, start_headers(data, e2e={"cert": "x"})),
         (big, start_headers(big)),  # over the bound of the path
+        (bytes(2 << 20), start_headers(data)),  # over every start's bound: refused before it is copied
         (data, {}),
     ]
     with Cell("peer", broker_address) as peer:

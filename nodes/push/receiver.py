@@ -45,6 +45,7 @@ import zmq
 
 from fedstream.common import digest as digests
 from fedstream.common import e2e
+from fedstream.common import protocol as proto
 from fedstream.common.errors import BrokerUnreachableError, RemoteError, RequestTimeout, UnreachableError
 from fedstream.common.filenames import (
     check_dest_dir,
@@ -554,16 +555,18 @@ class ReceiverSide:
             self._ended.popitem(last=False)
 
     def _on_start(self, reg: _Registration, message: Message) -> Reply:
-        payload = message.payload
-        data = payload if isinstance(payload, bytes) else None  # a one-chunk start: the whole file
         key = None
         try:
+            if len(message.buffer) > max(wire.ONE_CHUNK_MAX, proto.MAX_JSON_PAYLOAD):  # refused before a copy
+                raise ValueError(f"a payload of {len(message.buffer)} bytes is too large")
+            payload = message.payload
+            data = payload if isinstance(payload, bytes) else None  # a one-chunk start: the whole file
             if data is not None:
                 info = wire.check_one_chunk_start(message.headers, len(data))
             else:
                 info = wire.check_start(payload)
                 key = StreamKey.from_wire(info.get("seal")) if "e2e" not in info else None
-        except ValueError as exc:
+        except (ValueError, proto.ProtocolError) as exc:
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
         secure = None
         if key is None and data is None:
@@ -600,7 +603,14 @@ class ReceiverSide:
         except (OSError, ValueError) as exc:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
-        reply = stream.take_one_chunk(data, info["digest"]) if data is not None else stream.start_reply()
+        try:
+            reply = stream.take_one_chunk(data, info["digest"]) if data is not None else stream.start_reply()
+        except Exception:  # never leave a stream half set up: its thread ends it (descriptor, .part, slot)
+            stream.end(ReturnCode.ERROR, "the stream could not be set up", notify_owner=False)
+            with self._lock:
+                self._streams[sid] = stream
+            stream.thread.start()
+            raise
         with self._lock:
             aborted = sid in self._ended
             self._streams[sid] = stream
