@@ -10,7 +10,7 @@ import pytest
 from fedstream.common import digest as digests
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.nodes import Cell, FileDownloader, download_file
-from fedstream.nodes.message import Reply
+from fedstream.nodes.message import Message, Reply
 from fedstream.nodes.pull import wire
 from tests.procs import wait_until
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
@@ -271,3 +271,24 @@ def test_a_whole_file_that_does_not_match_the_digest_of_open_is_judged_by_done(b
     assert path is None and "does not match the owner's digest" in error
     assert len(owner.done) == 1 and owner.done[0]["digest"] == _digest_of(data)  # asked, and waited for it
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_owner_sends_its_digest_with_open_only_when_the_answer_is_the_whole_file(procs, broker_address,
+                                                                                      tmp_path):
+    small, large = str(tmp_path / "small.bin"), str(tmp_path / "large.bin")
+    make_file(small, 3000)
+    make_file(large, 100_000)
+    owner, refs = start_owner(procs, broker_address, [small, large])
+    with Cell("site-1", broker_address) as cell:
+        def answer(path: str, first: "int | None") -> Message:
+            headers = {"ref": refs[path]} if first is None else {"ref": refs[path], "first": first}
+            return cell.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner", headers=headers, timeout=10)
+
+        wait_until(lambda: "digest" in answer(small, 65536).headers, 10)  # once the owner computed it
+        whole = answer(small, 65536)
+        with open(small, "rb") as source:
+            assert bytes(whole.buffer) == source.read()
+        assert whole.headers["digest"] == _digest_of(bytes(whole.buffer))
+        part = answer(large, 65536)
+        assert len(part.buffer) == 65536 and "digest" not in part.headers  # only a part of the file
+        assert "digest" not in answer(small, None).headers  # no bytes asked for, no digest

@@ -81,7 +81,7 @@ class PushResult:
     error: Optional[str] = None
     size: int = 0
     seconds: float = 0.0
-    bytes_published: int = 0  # chunk bytes sent on the fan-out (the file size once, on success)
+    bytes_published: int = 0  # chunk bytes sent on the fan-out (the file size once on success; 0 for one chunk)
     bytes_repaired: int = 0  # chunk bytes sent again by unicast repair
     bytes_in_start: int = 0  # one-chunk path: file bytes sent inside start requests (the file size per target)
 
