@@ -4,8 +4,11 @@
 import json
 import os
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
 
+from fedstream.nodes import Cell
 from fedstream.nodes.simulate.files import make_file, sha256_of  # noqa: F401  (re-exported for the tests)
 from tests.procs import Proc, Procs
 
@@ -24,6 +27,26 @@ def start_receiver(procs: Procs, name: str, broker: str, dest: str, **options: o
     proc = run_helper(procs, "push_receiver", name, broker, dest, json.dumps(options))
     proc.expect("READY", 30)
     return proc
+
+
+@contextmanager
+def receiving_federation(root: Path, sites: list[str]) -> Iterator[tuple[str, dict[str, Proc], dict[str, str], Cell]]:
+    """A broker, a receiver process per site (each with its directory under `root`) and an owner Cell here.
+
+    Gives (broker address, receivers, destination directories, the owner's started Cell).
+    """
+    procs = Procs(root)
+    cell = None
+    try:
+        _, address = procs.broker()
+        dests = {site: str(root / site) for site in sites}
+        receivers = {site: start_receiver(procs, site, address, dests[site]) for site in sites}
+        cell = Cell("server", address).start()
+        yield address, receivers, dests, cell
+    finally:
+        if cell is not None:
+            cell.stop()
+        procs.cleanup()
 
 
 def next_done(proc: Proc, timeout: float = 30.0) -> dict:

@@ -10,7 +10,8 @@ from fedstream.common.rc import ReturnCode
 from fedstream.nodes import Cell, FileStreamer, FLContext
 from fedstream.nodes.push.sender import send_file
 from tests.procs import Proc, Procs
-from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, run_helper, start_receiver
+from tests.push_support import (CHANNEL, TOPIC, check_received, listing, make_file, next_done, receiving_federation,
+                                run_helper)
 
 CS = 64 * 1024
 SITES = ["site-1", "site-2", "site-3"]
@@ -38,18 +39,8 @@ class Federation:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("push")
-    procs = Procs(root)
-    cell = None
-    try:
-        _, address = procs.broker()
-        dests = {site: str(root / site) for site in SITES}
-        receivers = {site: start_receiver(procs, site, address, dests[site]) for site in SITES}
-        cell = Cell("server", address).start()
+    with receiving_federation(root, SITES) as (address, receivers, dests, cell):
         yield Federation(address, receivers, dests, cell, root)
-    finally:
-        if cell is not None:
-            cell.stop()
-        procs.cleanup()
 
 
 @pytest.mark.parametrize("targets", [SITES[:1], SITES], ids=["1-target", "3-targets"])

@@ -11,8 +11,8 @@ from fedstream.nodes import Cell
 from fedstream.nodes.message import reply_error
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.sender import send_file
-from tests.procs import Procs
-from tests.push_support import CHANNEL, TOPIC, check_received, listing, make_file, next_done, start_receiver
+from tests.push_support import (CHANNEL, TOPIC, check_received, listing, make_file, next_done, receiving_federation,
+                                start_receiver)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -22,19 +22,8 @@ SITES = ["site-1", "site-2"]
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     """A broker, two receiver processes and an owner Cell in the test process."""
-    root = tmp_path_factory.mktemp("one-chunk")
-    procs = Procs(root)
-    cell = None
-    try:
-        _, address = procs.broker()
-        dests = {site: str(root / site) for site in SITES}
-        receivers = {site: start_receiver(procs, site, address, dests[site]) for site in SITES}
-        cell = Cell("server", address).start()
+    with receiving_federation(tmp_path_factory.mktemp("one-chunk"), SITES) as (_, receivers, dests, cell):
         yield cell, receivers, dests
-    finally:
-        if cell is not None:
-            cell.stop()
-        procs.cleanup()
 
 
 def check_all(fed, targets: list[str], sha: str, name: str, ctx: dict, chunk_size: int = MIB) -> None:
