@@ -1,5 +1,6 @@
 """The one-chunk path of push with real processes: the whole file inside start, verified there, then commit."""
 
+import hashlib
 import os
 import shutil
 
@@ -136,6 +137,7 @@ def test_malformed_one_chunk_starts_are_refused_without_leaving_files(procs, bro
         (big, start_headers(big)),  # over the bound of the path
         (bytes(2 << 20), start_headers(data)),  # over every start's bound: refused before it is copied
         (data, {}),
+        (data, start_headers(data, commit="yes")),
     ]
     with Cell("peer", broker_address) as peer:
         for payload, headers in bad:
@@ -166,6 +168,19 @@ def test_only_the_owner_commits_and_asking_again_is_harmless(procs, broker_addre
     report = next_done(receiver)
     assert report["rc"] == "OK" and report["size"] == len(data)
     assert listing(dest) == ["x.bin"]
+
+
+def test_a_single_target_asked_to_commit_keeps_the_file_in_one_round_trip(procs, broker_address, tmp_path):
+    dest = str(tmp_path / "site-1")
+    receiver = start_receiver(procs, "site-1", broker_address, dest)
+    data = os.urandom(5000)
+    headers = start_headers(data, commit=True)
+    with Cell("peer", broker_address) as peer:
+        reply = peer.request(CHANNEL, TOPIC, "site-1", payload=data, headers=headers, timeout=5)
+        assert reply.headers == {"sid": headers["sid"], "verified": True, "committed": True}
+        report = next_done(receiver)  # no commit request was sent
+    assert report["rc"] == "OK"
+    check_received(report, dest, hashlib.sha256(data).hexdigest(), "x.bin")
 
 
 def test_an_owner_that_leaves_before_commit_leaves_no_file(procs, broker_address, tmp_path):

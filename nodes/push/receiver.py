@@ -440,8 +440,11 @@ class _Stream:
         return data
 
     # -- the owner's requests (Cell worker threads) ----------------------------------------
-    def take_one_chunk(self, data: bytes, digest: str) -> Reply:
-        """A one-chunk start: store the whole file that came with it and verify it; the start's answer."""
+    def take_one_chunk(self, data: bytes, digest: str, commit: bool) -> Reply:
+        """A one-chunk start: store the whole file that came with it, verify it, and `commit` it if asked.
+
+        The start's answer: verified (and committed), or why not.
+        """
         if self.count:
             try:
                 self._store(0, memoryview(data), repaired=False)
@@ -450,8 +453,14 @@ class _Stream:
                 self.end(ReturnCode.ERROR, reason, notify_owner=False)
                 return Reply.failure(wire.ERR_IO, reason)
         reply = self.verify(digests.ALGORITHM, digest)
-        if reply_error(reply.headers) is None:
-            reply.headers["verified"] = True
+        if reply_error(reply.headers) is not None:
+            return reply
+        if commit:
+            reply = self.commit()
+            if reply_error(reply.headers) is not None:
+                return reply
+            reply.headers["committed"] = True
+        reply.headers["verified"] = True
         return reply
 
     def start_reply(self) -> Reply:
@@ -604,7 +613,8 @@ class ReceiverSide:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
         try:
-            reply = stream.take_one_chunk(data, info["digest"]) if data is not None else stream.start_reply()
+            reply = stream.take_one_chunk(data, info["digest"], info.get("commit") is True) if data is not None \
+                else stream.start_reply()
         except Exception:  # never leave a stream half set up: its thread ends it (descriptor, .part, slot)
             stream.end(ReturnCode.ERROR, "the stream could not be set up", notify_owner=False)
             with self._lock:

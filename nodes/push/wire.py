@@ -19,7 +19,9 @@ The one-chunk path (`one_chunk_path`): a plain stream whose whole file fits in o
 most ONE_CHUNK_MAX bytes sends the file inside each target's "start" request instead: the
 start description then travels in the request headers with the file's digest added, and the
 payload is the file's bytes (`check_one_chunk_start`). The target stores and verifies it at
-once and answers "verified"; the owner then only commits. No fan-out, probes or acks.
+once and answers "verified"; the owner then only commits. No fan-out, probes or acks. A stream
+to a single target asks it to commit at once ("commit": true), which then answers "committed"
+too: one round trip, since there is no other target to agree with.
 """
 
 import hashlib
@@ -187,4 +189,6 @@ def check_one_chunk_start(headers: object, length: int) -> dict:
     digest = info.get("digest")
     if not isinstance(digest, str) or not 0 < len(digest) <= MAX_DIGEST_LENGTH:
         raise ValueError("the file's digest is missing")
+    if not isinstance(info.get("commit", False), bool):
+        raise ValueError("commit must be true or false")
     return info
