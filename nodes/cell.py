@@ -330,6 +330,7 @@ class Cell:
     def _close_sockets(self) -> None:
         """Close the I/O thread's sockets; called on the I/O thread as it ends."""
         self._close_monitor()
+        self._poller = None
         if self._out_pull is not None:
             self._out_pull.close(linger=0)
         if self._dealer is not None:
@@ -748,7 +749,7 @@ class Cell:
             self._reg_reason = None
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
-            self._close_monitor()  # the handshake it watched succeeded: gone before start() returns
+            self._close_monitor()  # the handshake it watched succeeded: closed before start() returns
             self._registered.set()
         else:
             reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")

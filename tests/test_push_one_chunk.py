@@ -12,6 +12,7 @@ from fedstream.nodes import Cell
 from fedstream.nodes.message import reply_error
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.sender import send_file
+from tests.procs import wait_until
 from tests.push_support import (CHANNEL, TOPIC, check_received, listing, make_file, next_done, receiving_federation,
                                 start_receiver)
 
@@ -135,7 +136,6 @@ def test_malformed_one_chunk_starts_are_refused_without_leaving_files(procs, bro
         (data, start_headers(data, digest=None)),
         (data, start_headers(data, e2e={"cert": "x"})),
         (big, start_headers(big)),  # over the bound of the path
-        (bytes(2 << 20), start_headers(data)),  # over every start's bound: refused before it is copied
         (data, {}),
         (data, start_headers(data, commit="yes")),
     ]
@@ -143,6 +143,9 @@ def test_malformed_one_chunk_starts_are_refused_without_leaving_files(procs, bro
         for payload, headers in bad:
             reply = peer.request(CHANNEL, TOPIC, "site-1", payload=payload, headers=headers, timeout=5)
             assert reply_error(reply.headers)[0] == wire.ERR_BAD_REQUEST and "sid" not in reply.headers, headers
+        reply = peer.request(CHANNEL, TOPIC, "site-1", payload=bytes(2 << 20), headers=start_headers(data), timeout=5)
+        assert reply_error(reply.headers) == (wire.ERR_BAD_REQUEST, "bad start request: a payload of 2097152 bytes "
+                                                                    "is too large")  # refused before it is copied
     assert listing(dest) == []
 
 
@@ -181,6 +184,43 @@ def test_a_single_target_asked_to_commit_keeps_the_file_in_one_round_trip(procs,
         report = next_done(receiver)  # no commit request was sent
     assert report["rc"] == "OK"
     check_received(report, dest, hashlib.sha256(data).hexdigest(), "x.bin")
+
+
+def test_an_abort_during_a_single_targets_start_wins_over_its_commit(procs, broker_address, tmp_path):
+    """The abort is answered while the start is still storing the file: the start must not commit it then."""
+    dest = str(tmp_path / "site-1")
+    receiver = start_receiver(procs, "site-1", broker_address, dest, chunk_delay=1.0)  # a slow chunk_consumed_cb
+    data = os.urandom(5000)
+    headers = start_headers(data, commit=True, chunk_timeout=5.0)
+    with Cell("peer", broker_address) as peer:
+        start = peer.request_async(CHANNEL, TOPIC, "site-1", payload=data, headers=headers)
+        wait_until(lambda: any(n.endswith(".part") for n in listing(dest)), 10)  # the start is storing it
+        abort = peer.request(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, "site-1", headers={"sid": headers["sid"]},
+                             timeout=5)
+        assert abort.headers == {"sid": headers["sid"]}
+        answer = start.result(10)
+    assert answer.headers.get("committed") is not True
+    report = next_done(receiver)
+    assert report["rc"] == "TASK_ABORTED"
+    assert listing(dest) == []
+
+
+def test_a_single_targets_start_asked_again_after_its_commit_is_answered_committed(procs, broker_address,
+                                                                                    tmp_path):
+    dest = str(tmp_path / "site-1")
+    receiver = start_receiver(procs, "site-1", broker_address, dest)
+    data = os.urandom(5000)
+    headers = start_headers(data, commit=True)
+    committed = {"sid": headers["sid"], "verified": True, "committed": True}
+    with Cell("peer", broker_address) as peer:
+        assert peer.request(CHANNEL, TOPIC, "site-1", payload=data, headers=headers, timeout=5).headers == committed
+        next_done(receiver)  # the stream ended here
+        assert peer.request(CHANNEL, TOPIC, "site-1", payload=data, headers=headers, timeout=5).headers == committed
+        reply = peer.request(wire.CONTROL_CHANNEL, wire.TOPIC_ABORT, "site-1", headers={"sid": headers["sid"]},
+                             timeout=5)  # an abort that comes too late changes nothing
+        assert peer.request(CHANNEL, TOPIC, "site-1", payload=data, headers=headers, timeout=5).headers == committed
+    assert reply.headers == {"sid": headers["sid"]}
+    assert listing(dest) == ["x.bin"]
 
 
 def test_an_owner_that_leaves_before_commit_leaves_no_file(procs, broker_address, tmp_path):

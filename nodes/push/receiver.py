@@ -440,11 +440,8 @@ class _Stream:
         return data
 
     # -- the owner's requests (Cell worker threads) ----------------------------------------
-    def take_one_chunk(self, data: bytes, digest: str, commit: bool) -> Reply:
-        """A one-chunk start: store the whole file that came with it, verify it, and `commit` it if asked.
-
-        The start's answer: verified (and committed), or why not.
-        """
+    def take_one_chunk(self, data: bytes, digest: str) -> Reply:
+        """A one-chunk start: store the whole file that came with it and verify it; the start's answer."""
         if self.count:
             try:
                 self._store(0, memoryview(data), repaired=False)
@@ -453,14 +450,15 @@ class _Stream:
                 self.end(ReturnCode.ERROR, reason, notify_owner=False)
                 return Reply.failure(wire.ERR_IO, reason)
         reply = self.verify(digests.ALGORITHM, digest)
-        if reply_error(reply.headers) is not None:
-            return reply
-        if commit:
-            reply = self.commit()
-            if reply_error(reply.headers) is not None:
-                return reply
-            reply.headers["committed"] = True
-        reply.headers["verified"] = True
+        if reply_error(reply.headers) is None:
+            reply.headers["verified"] = True
+        return reply
+
+    def commit_in_start(self) -> Reply:
+        """A verified one-chunk stream to a single target commits in its start; the start's answer."""
+        reply = self.commit()
+        if reply_error(reply.headers) is None:
+            reply.headers.update(verified=True, committed=True)
         return reply
 
     def start_reply(self) -> Reply:
@@ -469,6 +467,8 @@ class _Stream:
             with self.lock:
                 if not self.verified or self.rc not in (None, ReturnCode.OK):
                     return Reply.failure(wire.ERR_ENDED, f"the stream already ended ({self.rc}: {self.reason})")
+                if self.rc == ReturnCode.OK:
+                    return Reply(None, {"sid": self.sid, "verified": True, "committed": True})
             return Reply(None, {"sid": self.sid, "verified": True})
         if self.secure is not None:
             return Reply(None, {"sid": self.sid, "e2e": self.secure.offer})
@@ -575,7 +575,7 @@ class ReceiverSide:
             else:
                 info = wire.check_start(payload)
                 key = StreamKey.from_wire(info.get("seal")) if "e2e" not in info else None
-        except (ValueError, proto.ProtocolError) as exc:
+        except ValueError as exc:  # a ProtocolError (a payload that does not decode) is one too
             return Reply.failure(wire.ERR_BAD_REQUEST, f"bad start request: {exc}")
         secure = None
         if key is None and data is None:
@@ -599,6 +599,8 @@ class ReceiverSide:
                 self.ignored_senders.add(message.source, "'start'", sid)
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if sid in self._ended:
+                if data is not None and self._ended[sid] == message.source:  # committed here: its owner asks again
+                    return Reply(None, {"sid": sid, "verified": True, "committed": True})
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if len(self._streams) >= MAX_STREAMS:
                 return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams (limit {MAX_STREAMS})")
@@ -613,19 +615,21 @@ class ReceiverSide:
             self.forget(sid)
             return Reply.failure(wire.ERR_REFUSED, str(exc))
         try:
-            reply = stream.take_one_chunk(data, info["digest"], info.get("commit") is True) if data is not None \
-                else stream.start_reply()
-        except Exception:  # never leave a stream half set up: its thread ends it (descriptor, .part, slot)
+            reply = stream.take_one_chunk(data, info["digest"]) if data is not None else stream.start_reply()
+        except Exception as exc:  # never leave a stream half set up: its thread ends it (descriptor, .part, slot)
+            log.exception("stream %s: could not be set up", sid)
             stream.end(ReturnCode.ERROR, "the stream could not be set up", notify_owner=False)
             with self._lock:
                 self._streams[sid] = stream
             stream.thread.start()
-            raise
+            return Reply.failure(wire.ERR_IO, f"the stream could not be set up: {type(exc).__name__}")
         with self._lock:
             aborted = sid in self._ended
             self._streams[sid] = stream
         if aborted:  # an abort overtook the start
             stream.end(ReturnCode.TASK_ABORTED, "the sender aborted the stream", notify_owner=False)
+        elif data is not None and info.get("commit") is True and reply_error(reply.headers) is None:
+            reply = stream.commit_in_start()  # published first: an abort from now on ends it, or finds it committed
         stream.thread.start()
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'%s", sid, stream.name, stream.size, message.source,
                   " (secure)" if secure else " (one chunk)" if data is not None else "")
@@ -707,7 +711,8 @@ class ReceiverSide:
             owner = self._owners.get(sid)
             stream = self._streams.get(sid)
             if owner is None or (stream is None and owner == message.source):
-                self._remember_ended(sid)  # a start that comes after its abort is refused
+                if sid not in self._ended:  # an ended stream stays as it ended (committed or not)
+                    self._remember_ended(sid)  # a start that comes after its abort is refused
                 return Reply(None, {"sid": sid})
         if owner != message.source or stream is None:
             self.ignored_senders.add(message.source, "'abort' request", sid)

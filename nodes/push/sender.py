@@ -462,13 +462,15 @@ class _Push:
         for target in self.targets:
             if replies[target].headers.get("verified") is not True:
                 raise _Failure(ReturnCode.ERROR, f"target '{target}' did not verify the file sent with 'start'")
-        if self.progress is not None:
-            self._report(self.size)  # every target holds the whole file
         if alone and replies[self.targets[0]].headers.get("committed") is True:
+            if self.progress is not None:
+                self._report(self.size)
             self.started = []
             return
         self._take_events(0)  # a target that failed since, or the cell stopping
         self._check_verdict()
+        if self.progress is not None:
+            self._report(self.size)
         self._step("commit", self._sender(wire.TOPIC_COMMIT, {"sid": self.sid}))
         self.started = []
 
