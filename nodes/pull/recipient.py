@@ -257,17 +257,16 @@ class _Download:
         self._progress(have, size)
         self._pull(fd, hasher, have, size)
         digest = hasher.hexdigest()
-        if self.pairwise is None and info.get("digest") == digest:  # the whole file came with `open`
-            final = commit_file(path, self.location, name)
-            self._confirm(digest)
-            log.info("downloaded %s from '%s' to %s (%d bytes)", self.ref_id, self.owner, final, size)
-            return final
-        verdict = self._verdict(digest)
-        if verdict.get("digest") != digest:
-            raise _Failed("the received data does not match the owner's digest", remove_part=True)
-        if verdict.get("ok") is not True:
-            raise _Failed("the owner already recorded this download as failed", remove_part=True)
+        confirmed_by_open = self.pairwise is None and info.get("digest") == digest  # the whole file came with it
+        if not confirmed_by_open:
+            verdict = self._verdict(digest)
+            if verdict.get("digest") != digest:
+                raise _Failed("the received data does not match the owner's digest", remove_part=True)
+            if verdict.get("ok") is not True:
+                raise _Failed("the owner already recorded this download as failed", remove_part=True)
         final = commit_file(path, self.location, name)
+        if confirmed_by_open:
+            self._confirm(digest)
         log.info("downloaded %s from '%s' to %s (%d bytes)", self.ref_id, self.owner, final, size)
         return final
 

@@ -126,6 +126,12 @@ def _call_stream_cb(what: str, cb: StreamCallback, reg: _Registration, ctx: Stre
     return call_user_cb(f"{what} of channel '{reg.channel}' topic '{reg.topic}'", cb, ctx, reg.fl_ctx, **reg.cb_kwargs)
 
 
+def _verified(sid: str, committed: bool) -> Reply:
+    """A one-chunk start's answer: the file that came with it is here and matches (and has its final name)."""
+    return Reply(None, {"sid": sid, "verified": True, "committed": True} if committed
+                 else {"sid": sid, "verified": True})
+
+
 class _Stream:
     """One incoming stream: its .part file, its Assembly, and the thread that receives it."""
 
@@ -450,16 +456,12 @@ class _Stream:
                 self.end(ReturnCode.ERROR, reason, notify_owner=False)
                 return Reply.failure(wire.ERR_IO, reason)
         reply = self.verify(digests.ALGORITHM, digest)
-        if reply_error(reply.headers) is None:
-            reply.headers["verified"] = True
-        return reply
+        return reply if reply_error(reply.headers) is not None else _verified(self.sid, committed=False)
 
     def commit_in_start(self) -> Reply:
         """A verified one-chunk stream to a single target commits in its start; the start's answer."""
         reply = self.commit()
-        if reply_error(reply.headers) is None:
-            reply.headers.update(verified=True, committed=True)
-        return reply
+        return reply if reply_error(reply.headers) is not None else _verified(self.sid, committed=True)
 
     def start_reply(self) -> Reply:
         """The answer to the owner's start, asked again."""
@@ -467,9 +469,7 @@ class _Stream:
             with self.lock:
                 if not self.verified or self.rc not in (None, ReturnCode.OK):
                     return Reply.failure(wire.ERR_ENDED, f"the stream already ended ({self.rc}: {self.reason})")
-                if self.rc == ReturnCode.OK:
-                    return Reply(None, {"sid": self.sid, "verified": True, "committed": True})
-            return Reply(None, {"sid": self.sid, "verified": True})
+                return _verified(self.sid, committed=self.rc == ReturnCode.OK)
         if self.secure is not None:
             return Reply(None, {"sid": self.sid, "e2e": self.secure.offer})
         return Reply(None, {"sid": self.sid})
@@ -600,7 +600,7 @@ class ReceiverSide:
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if sid in self._ended:
                 if data is not None and self._ended[sid] == message.source:  # committed here: its owner asks again
-                    return Reply(None, {"sid": sid, "verified": True, "committed": True})
+                    return _verified(sid, committed=True)
                 return Reply.failure(wire.ERR_REFUSED, f"stream {sid} is already known here")
             if len(self._streams) >= MAX_STREAMS:
                 return Reply.failure(wire.ERR_REFUSED, f"too many incoming streams (limit {MAX_STREAMS})")

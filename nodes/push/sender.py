@@ -23,7 +23,7 @@ The one-chunk path (a plain stream whose whole file fits in one chunk of at most
 wire.one_chunk_path) replaces steps 1 and 3-5: the owner reads the file once, checks the
 source, and sends it with its digest inside each target's "start"; every target stores and
 verifies it there and answers "verified". Then "commit" as in step 5: two round trips, no
-XPUB socket, probes or acks.
+XPUB socket, probes or acks; a single target commits inside its "start" (one round trip).
 
 The stream runs on the caller's thread; `OwnerSide` (one per cell, in its PushService)
 hands the targets' events to it through a queue and answers repair requests in the Cell's
