@@ -221,6 +221,7 @@ class Broker:
         router.setsockopt(zmq.MAXMSGSIZE, proto.MAX_MESSAGE_SIZE)
         router.setsockopt(zmq.SNDHWM, _ROUTER_HWM)
         router.setsockopt(zmq.RCVHWM, _ROUTER_RCVHWM)
+        router.setsockopt(zmq.RCVTIMEO, _POLL_MS)  # the routing loop's longest wait
         router.setsockopt(zmq.HEARTBEAT_IVL, _ZMTP_HEARTBEAT_IVL)
         router.setsockopt(zmq.HEARTBEAT_TIMEOUT, _ZMTP_HEARTBEAT_TIMEOUT)
         router.linger = 0
@@ -317,37 +318,36 @@ class Broker:
 
     # -- routing ---------------------------------------------------------------------------
     def _route_loop(self) -> None:
+        """Route until stop(): a receive waits at most _POLL_MS (RCVTIMEO), so a busy loop never polls."""
         router = self._router
         assert router is not None
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
         next_sweep = monotonic() + _SWEEP_INTERVAL
         while not self._stop.is_set():
-            if poller.poll(_POLL_MS):
-                received = 0
-                for _ in range(_DRAIN_BATCH):
-                    try:
-                        frames = recv_frames(router, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    received += sum(len(frame) for frame in frames)
-                    try:
-                        self._handle(frames)
-                    except Exception as exc:  # one message must never stop the routing
-                        self._failed(frames, exc)
-                self._trim.received(received, monotonic())
+            try:
+                frames = recv_frames(router)
+            except zmq.Again:  # nothing within _POLL_MS
+                frames = None
             now = monotonic()
+            if frames is not None:
+                self._trim.received(sum(map(len, frames)), now)
+                try:
+                    self._handle(frames, now)
+                except Exception as exc:  # one message must never stop the routing
+                    self._failed(frames, exc)
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
-                if self._trim.due(now) and release_free_memory():
-                    self.stats["memory_released"] += 1
-                for identity in self._outflow.sweep(now, _STUCK_PEER):
-                    entry = self.registry.remove_identity(identity)
-                    if entry is not None:
-                        log.warning("node '%s' dropped: it read nothing for %g s", entry.fqcn, _STUCK_PEER)
-                for entry in self.registry.expire(now):
-                    log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn,
-                                self.registry.node_timeout)
+                self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Release memory after a burst, drop peers that stopped reading, expire silent nodes."""
+        if self._trim.due(now) and release_free_memory():
+            self.stats["memory_released"] += 1
+        for identity in self._outflow.sweep(now, _STUCK_PEER):
+            entry = self.registry.remove_identity(identity)
+            if entry is not None:
+                log.warning("node '%s' dropped: it read nothing for %g s", entry.fqcn, _STUCK_PEER)
+        for entry in self.registry.expire(now):
+            log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn, self.registry.node_timeout)
 
     def _failed(self, frames: list, exc: Exception) -> None:
         """Count a message whose handling raised; log it at most once per peer per minute."""
@@ -365,7 +365,7 @@ class Broker:
         router = self._router
         assert router is not None
         identity = frames[0]
-        size = sum(len(frame) for frame in frames[1:])
+        size = sum(map(len, frames)) - len(identity)
         try:
             if size < TRACK_MIN:
                 send_frames(router, frames, NOBLOCK)
@@ -395,12 +395,11 @@ class Broker:
             log.warning("dropped a malformed message from connection %s: %s "
                         "(further ones from this connection are logged once a minute)", identity.hex(), why)
 
-    def _handle(self, frames: list) -> None:
+    def _handle(self, frames: list, now: float) -> None:
         identity = frames[0].bytes
         if len(frames) < 2 or len(frames[1]) != 2:
             return self._malformed(identity, "no command frame")
         cmd = frames[1].bytes
-        now = monotonic()
         if self._admission is not None and cmd != proto.REGISTER and \
                 not self._admission.owns(identity, frames[1].get("User-Id")):
             self._send([identity, proto.NOT_REGISTERED])  # secure mode: this connection registered no key

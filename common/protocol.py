@@ -54,9 +54,12 @@ class ProtocolError(ValueError):
     """A frame that does not follow the wire format."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # json.dumps would build one per call
+
+
 def encode_json(value: Any) -> bytes:
     """Encode a header as compact UTF-8 JSON."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def decode_json(data: "bytes | memoryview", limit: int = MAX_HEADER_SIZE) -> Any:

@@ -16,6 +16,7 @@ Every failure, whatever its cause, becomes a single `JsonLimitError` (a ValueErr
 receive loop catches one exception type.
 """
 
+import functools
 import json
 import math
 import re
@@ -53,6 +54,13 @@ def _parse_float(text: str) -> float:
 
 def _parse_constant(name: str) -> Any:
     raise JsonLimitError(f"{name} is not allowed")
+
+
+@functools.cache
+def _decoder(max_int_digits: int) -> json.JSONDecoder:
+    """The decoder with the hooks above (json.loads with hooks would build one per call; it keeps no state)."""
+    return json.JSONDecoder(parse_int=_int_parser(max_int_digits), parse_float=_parse_float,
+                            parse_constant=_parse_constant)
 
 
 def nests_deeper_than(text: str, limit: int) -> bool:
@@ -106,8 +114,7 @@ def decode(data: "bytes | bytearray | memoryview", max_bytes: int, max_depth: in
     if nests_deeper_than(text, max_depth):
         raise JsonLimitError(f"JSON nests deeper than {max_depth} levels")
     try:
-        value = json.loads(text, parse_int=_int_parser(max_int_digits), parse_float=_parse_float,
-                           parse_constant=_parse_constant)
+        value = _decoder(max_int_digits).decode(text)
     except JsonLimitError:
         raise
     except (ValueError, RecursionError, MemoryError, TypeError) as exc:

@@ -9,7 +9,7 @@ Threading rule (every change to this module follows it):
    socket from several threads); `stop()` closes that one.
 2. **No disk I/O and no user code on the I/O thread.** It moves frames, decodes headers
    with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
-   Request callbacks run in the Cell's pool: a bounded ThreadPoolExecutor (`workers`
+   Request callbacks run in the Cell's pool: a bounded `WorkerPool` (`workers`
    threads, at most `_MAX_QUEUED_CALLBACKS` calls or `_MAX_QUEUED_BYTES` waiting; beyond
    that a request is answered "busy" at once) — never a new thread per message.
    `register_request_cb(..., inline=True)` runs a callback on the I/O thread for the few
@@ -38,12 +38,13 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Generator, Iterable, Optional, Union
 
 import zmq
 import zmq.asyncio
+from zmq.backend import zmq_poll
 from zmq.utils.monitor import recv_monitor_message
 
 from fedstream.common import protocol as proto
@@ -59,7 +60,7 @@ from fedstream.common.errors import (
     UnreachableError,
 )
 from fedstream.common.fqcn import validate_fqcn
-from fedstream.common.frames import NOBLOCK, POLLIN, POLLOUT, recv_frames, send_frames
+from fedstream.common.frames import NOBLOCK, POLLIN, POLLOUT, readable, recv_frames, send_frames
 from fedstream.common.peerlog import PeerErrors
 from fedstream.nodes.message import (
     KIND_ERROR,
@@ -75,6 +76,7 @@ from fedstream.nodes.message import (
     encode_payload,
 )
 from fedstream.common.kits import Kit, PathLike, load_kit
+from fedstream.nodes.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +188,9 @@ class Cell:
         self._handshake_failure: Optional[dict] = None  # a monitor event: the broker refused the handshake
         self._connected = threading.Event()  # something accepted the connection (a monitor event)
         self._monitor: Optional[zmq.Socket] = None
-        self._poller: Optional[zmq.Poller] = None  # the I/O thread's
         self._fanout: tuple[str, str] = ("", "")
         self._thread: Optional[threading.Thread] = None
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor: Optional[WorkerPool] = None
         self._stop_hooks: list[Callable[[], None]] = []
         self._lifecycle_lock = threading.Lock()
         self._stopping = False
@@ -218,7 +219,7 @@ class Cell:
         self._out_push.setsockopt(zmq.SNDHWM, _OUT_HWM)
         self._out_push.setsockopt(zmq.SNDTIMEO, 10_000)
         self._out_push.connect(self._outbox_endpoint)  # inproc may connect before the I/O thread binds
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix=f"cell-{self.fqcn}")
+        self._executor = WorkerPool(self._workers, f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
         self._thread.start()
         if connect_timeout is not None and connect_timeout < timeout and self._broker_endpoint.scheme != "inproc":
@@ -312,8 +313,6 @@ class Cell:
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
-            if self._poller is not None:
-                self._poller.register(self._monitor, 0)  # flags 0: no longer polled
             self._dealer.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
@@ -330,7 +329,6 @@ class Cell:
     def _close_sockets(self) -> None:
         """Close the I/O thread's sockets; called on the I/O thread as it ends."""
         self._close_monitor()
-        self._poller = None
         if self._out_pull is not None:
             self._out_pull.close(linger=0)
         if self._dealer is not None:
@@ -356,7 +354,7 @@ class Cell:
                       self.fqcn, _JOIN_TIMEOUT)
         self._thread = None
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown()
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for request in pending.values():
@@ -598,11 +596,13 @@ class Cell:
 
     def _serve(self) -> None:
         """Move messages until stop(); sleep in poll until a socket is ready or the next heartbeat is due."""
-        poller = self._poller = zmq.Poller()
         self._beat = self._hb_interval
         self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
         self._register_with_broker()
         last_heard = last_beat = time.monotonic()  # last_beat: when the broker last got a beat or a REGISTER
+        dealer, outbox = self._dealer, self._out_pull
+        items: list = []
+        interest: tuple = ()
         while not self._stop.is_set():
             next_beat = last_beat + self._beat  # registering may shorten the interval
             timeout = next_beat - time.monotonic()
@@ -611,37 +611,43 @@ class Cell:
             # While the connection is full, stop taking new messages: senders feel backpressure.
             # Past a byte limit, stop reading requests too, so replies cannot pile up without bound.
             # A REGISTER the connection could not take yet goes out as soon as it can (POLLOUT).
-            reading = POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0
-            writing = POLLOUT if self._backlog or self._register_due else 0
-            poller.register(self._dealer, reading | writing)
-            poller.register(self._out_pull, 0 if self._backlog else POLLIN)
-            if self._monitor is not None:
-                if self._reg_answer.is_set():
-                    self._close_monitor()
+            if self._monitor is not None and self._reg_answer.is_set():
+                self._close_monitor()
+            wanted = ((POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0)
+                      | (POLLOUT if self._backlog or self._register_due else 0),
+                      0 if self._backlog else POLLIN, self._monitor)
+            if wanted != interest:  # the poll items change only with the backlog and the handshake
+                interest = wanted
+                items = [(dealer, wanted[0]), (outbox, wanted[1])]
+                if wanted[2] is not None:
+                    items.append((wanted[2], POLLIN))
+            dealer_events = outbox_events = 0
+            for sock, events in zmq_poll(items, max(0, int(timeout * 1000) + 1)):
+                if sock is dealer:
+                    dealer_events = events
+                elif sock is outbox:
+                    outbox_events = events
                 else:
-                    poller.register(self._monitor, POLLIN)
-            events = dict(poller.poll(max(0, int(timeout * 1000) + 1)))
-            if self._monitor is not None and events.get(self._monitor, 0) & POLLIN:
-                self._watch_handshake()
-            if events.get(self._dealer, 0) & POLLOUT:
+                    self._watch_handshake()
+            if dealer_events & POLLOUT:
                 if self._register_due and not self._backlog:
                     self._register_with_broker()
                 if self._backlog:
                     self._flush_backlog()
-            if events.get(self._out_pull, 0) & POLLIN:
+            if outbox_events & POLLIN:
                 for _ in range(256):
                     try:
-                        frames = recv_frames(self._out_pull, NOBLOCK)
+                        frames = recv_frames(outbox, NOBLOCK)
                     except zmq.Again:
                         break
                     if len(frames) > 1 or len(frames[0]):
                         self._to_broker(frames)
-                    if self._backlog:
+                    if self._backlog or not readable(outbox):
                         break
-            if events.get(self._dealer, 0) & POLLIN:
+            if dealer_events & POLLIN:
                 for _ in range(256):
                     try:
-                        frames = recv_frames(self._dealer, NOBLOCK)
+                        frames = recv_frames(dealer, NOBLOCK)
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
@@ -649,6 +655,8 @@ class Cell:
                         self._from_broker(frames)
                     except Exception as exc:  # one message must never stop the I/O thread
                         self._dropped(frames, exc)
+                    if not readable(dealer):
+                        break
             now = time.monotonic()
             if now >= next_beat:
                 if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._beat:

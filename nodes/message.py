@@ -108,6 +108,22 @@ def _field(fields: dict, key: str, kind: type) -> Any:
 def decode_meta(frame: "bytes | memoryview") -> Meta:
     """Decode and type-check a meta frame from a peer; raise ProtocolError for anything else."""
     fields = proto.decode_object(frame)
+    kind, request_id, channel, topic, ptype = (fields.get("k"), fields.get("id"), fields.get("ch"),
+                                               fields.get("tp"), fields.get("pt"))
+    headers = fields.get("h", _NO_HEADERS)
+    # The common case in one expression (a message each way per request); anything else says what is wrong.
+    if type(kind) is str and kind in KINDS and type(request_id) is int and type(channel) is str and channel \
+            and type(topic) is str and topic and type(ptype) is str and ptype in PAYLOAD_TYPES \
+            and type(headers) is dict and (1 if kind != KIND_ONE_WAY else 0) <= request_id <= MAX_REQUEST_ID:
+        return Meta(kind, request_id, channel, topic, ptype, headers if headers is not _NO_HEADERS else {})
+    return _refuse_meta(fields)
+
+
+_NO_HEADERS: dict = {}
+
+
+def _refuse_meta(fields: dict) -> Meta:
+    """Raise the ProtocolError that says what is wrong with the meta `fields`."""
     kind = _field(fields, "k", str)
     if kind not in KINDS:
         raise proto.ProtocolError(f"unknown message kind {kind[:16]!r}")
@@ -121,8 +137,7 @@ def decode_meta(frame: "bytes | memoryview") -> Meta:
     ptype = _field(fields, "pt", str)
     if ptype not in PAYLOAD_TYPES:
         raise proto.ProtocolError(f"unknown payload type {ptype[:16]!r}")
-    headers = _field(fields, "h", dict) if "h" in fields else {}
-    return Meta(kind, request_id, channel, topic, ptype, headers)
+    raise proto.ProtocolError("meta field 'h' must be a dict")  # the one field left that decode_meta checks
 
 
 def encode_payload(payload: Any) -> tuple[str, list]:

@@ -1,0 +1,76 @@
+"""WorkerPool: a Cell's worker threads, started as needed up to a limit, with no Future per call.
+
+`ThreadPoolExecutor.submit` costs about 9 µs of CPU per call (a Future, a work item and four
+Condition operations) against 0.5 µs here, and a Cell submits a call per request it serves.
+Nothing waits on a call's result, so none is kept: a call's exception is logged by the caller's
+wrapper (the Cell wraps every call it submits).
+
+Threads are daemons: a process that ends without stopping its Cells does not wait for them.
+"""
+
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    """Run calls on at most `workers` threads, in submission order as threads free up."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers!r}.")
+        self._max = workers
+        self._name = name
+        self._calls: "queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # started threads waiting for a call that no submitted call has claimed yet
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue `fn(*args)`; raise RuntimeError once the pool is shut down."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the worker pool is shut down")
+            self._calls.put((fn, args))
+            if self._idle:
+                self._idle -= 1
+                return
+            if self._threads >= self._max:
+                return  # a busy thread takes it when it is done
+            self._threads += 1
+            number = self._threads
+        threading.Thread(target=self._work, name=f"{self._name}_{number - 1}", daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Drop the calls not started yet and let every thread end after its current call."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = self._threads
+        while True:
+            try:
+                self._calls.get_nowait()
+            except queue.Empty:
+                break
+        for _ in range(threads):
+            self._calls.put(None)
+
+    def _work(self) -> None:
+        calls = self._calls
+        while True:
+            call = calls.get()
+            if call is None:
+                return
+            fn, args = call
+            try:
+                fn(*args)
+            except BaseException:  # the Cell's wrappers log; this only keeps the thread alive
+                log.exception("a call in worker pool %s failed", self._name)
+            del call, fn, args  # release what the call held before waiting for the next one
+            with self._lock:
+                self._idle += 1
