@@ -373,6 +373,10 @@ class Broker:
             if not self._outflow.admit(identity, size):
                 self.stats["dropped_full"] += 1
                 return "busy"
+            if not self._outflow.needs_tracker(identity, size):
+                send_frames(router, frames, NOBLOCK)
+                self._outflow.sent(identity, size, None, monotonic())
+                return None
             for frame in frames[:-1]:
                 router.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
             last = frames[-1]

@@ -145,6 +145,25 @@ def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
     assert len(flow) == 0 and flow.in_flight(b"a") == 0
 
 
+def test_outflow_counts_untracked_messages_until_a_later_tracked_one_is_written():
+    flow = OutFlow(peer_limit=10 * MiB, untracked_limit=MiB)
+    medium = 32 * 1024
+    assert not flow.needs_tracker(b"a", medium) and flow.needs_tracker(b"a", 64 * 1024)
+    for _ in range(MiB // medium):
+        flow.sent(b"a", medium, None, 0.0)
+    assert flow.in_flight(b"a") == MiB and flow.needs_tracker(b"a", medium)  # the limit is reached: track
+    assert flow.admit(b"a", 64 * MiB)  # nothing tracked in flight: one message of any size, as before
+    tracker = FakeTracker()
+    flow.sent(b"a", medium, tracker, 1.0)
+    assert flow.in_flight(b"a") == MiB + medium and not flow.needs_tracker(b"a", medium)
+    flow.sent(b"a", medium, None, 1.0)  # after the tracked one: counted until the next tracked one is written
+    assert not flow.admit(b"a", 9 * MiB) and flow.admit(b"a", 8 * MiB)
+    tracker.done = True
+    assert flow.in_flight(b"a") == medium and flow.admit(b"a", 64 * MiB)
+    assert flow.sweep(now=10.0, limit=15.0) == [] and flow.in_flight(b"a") == medium
+    assert flow.sweep(now=16.5, limit=15.0) == [] and flow.in_flight(b"a") == 0 and len(flow) == 0
+
+
 def test_peer_errors_log_once_per_peer_per_interval():
     errors = PeerErrors(interval=60, max_peers=2)
     assert errors.record("a", 0.0) and not errors.record("a", 1.0) and errors.record("b", 1.0)
