@@ -4,15 +4,16 @@ ZeroMQ bounds a peer's queue in messages (SNDHWM), and messages range from a few
 tens of MiB, so a count alone cannot keep a peer that never reads from holding the broker's
 memory. The broker therefore counts the bytes of every message of `TRACK_MIN` bytes or more
 and asks `admit` before sending one: a peer may hold at most `peer_limit` bytes of them in
-flight, or one message of any size when no tracked message of it is in flight. A message
-of `COPY_BELOW` bytes or more goes with a tracker (a `done` flag that libzmq sets once it
-has written the message and released it). A smaller one goes untracked, because a tracked
-zero-copy frame costs pyzmq about 60 µs of CPU (its garbage-collector thread frees it): its
-bytes count until the peer's next tracked message is done, since a peer's messages are
-written in order, and once untracked bytes reach `untracked_limit` the next message is
-tracked whatever its size. Messages under `TRACK_MIN` are bounded by the socket's SNDHWM
-instead (SNDHWM x TRACK_MIN bytes). `stuck` names the peers whose oldest tracked message
-has waited longer than a limit: they stopped reading.
+flight, or one message of any size when no tracked message of it is in flight.
+
+Some of these messages go with a tracker (a `done` flag that libzmq sets once it has written
+the message and released it); a tracked zero-copy frame costs pyzmq about 60 µs of CPU (its
+garbage-collector thread frees it), so not every one does. A message goes untracked while the
+untracked bytes sent to its peer since its last tracked message stay within `untracked_limit`;
+they count until the peer's next tracked message is written, since a peer's messages are
+written in order. Messages under `TRACK_MIN` are bounded by the socket's SNDHWM instead
+(SNDHWM x TRACK_MIN bytes). `stuck` names the peers whose oldest tracked message has waited
+longer than a limit: they stopped reading.
 
 Socket-free: the trackers are any objects with a boolean `done` attribute; the clock is an
 argument.
@@ -22,7 +23,6 @@ from collections import deque
 from typing import Optional, Protocol
 
 TRACK_MIN = 8 * 1024
-COPY_BELOW = 64 * 1024  # pyzmq's own copy threshold
 UNTRACKED_LIMIT = 1 << 20  # bytes a peer may be sent untracked before its next message goes tracked
 
 
@@ -67,8 +67,6 @@ class OutFlow:
 
     def needs_tracker(self, peer: bytes, size: int) -> bool:
         """Whether a message of `size` bytes (TRACK_MIN or more) must be sent with a tracker."""
-        if size >= COPY_BELOW:
-            return True
         untracked = self._untracked.get(peer)
         return (untracked[0] if untracked else 0) + size > self.untracked_limit
 

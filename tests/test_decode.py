@@ -148,7 +148,7 @@ def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
 def test_outflow_counts_untracked_messages_until_a_later_tracked_one_is_written():
     flow = OutFlow(peer_limit=10 * MiB, untracked_limit=MiB)
     medium = 32 * 1024
-    assert not flow.needs_tracker(b"a", medium) and flow.needs_tracker(b"a", 64 * 1024)
+    assert not flow.needs_tracker(b"a", MiB) and flow.needs_tracker(b"a", MiB + 1)
     for _ in range(MiB // medium):
         flow.sent(b"a", medium, None, 0.0)
     assert flow.in_flight(b"a") == MiB and flow.needs_tracker(b"a", medium)  # the limit is reached: track
