@@ -131,7 +131,7 @@ class _Download:
                  progress_cb: Optional[ProgressCallback], keep_partial: bool, kit: Optional[Kit] = None) -> None:
         self.owner = owner
         self.kit = kit  # set for a secure download
-        self.salt = e2e.new_salt()
+        self.salt = e2e.new_salt() if kit is not None else b""
         self.open_headers: dict = {"ref": ref_id}
         if kit is not None:
             self.open_headers["e2e"] = e2e.offer(kit, self.salt)
@@ -295,6 +295,9 @@ class _Download:
 
     # -- data --------------------------------------------------------------------------------
     def _pull(self, fd: int, hasher: digests.Hasher, start: int, size: int) -> None:
+        if start >= size:  # the whole file came with the answer to `open`
+            self._check_abort()
+            return
         window = PullWindow(size, start, self.chunk_size, self.window, self.liveness)
         growth = WindowGrowth(self.window, wire.MAX_IN_FLIGHT_BYTES // self.chunk_size, self.chunk_size, start,
                               time.monotonic())
