@@ -11,7 +11,7 @@ answer to the sender. Hostile input cannot stop it:
 - any exception while handling one message is counted (`stats["errors"]`), logged at most
   once per peer per minute, and the loop goes on with the next message;
 - queues are bounded in bytes: on the ROUTER, a peer holds at most `_PEER_BYTES` of large
-  messages (tracked until libzmq has written them, see `broker/outflow.py`) plus
+  messages (counted until libzmq has written them, see `broker/outflow.py`) plus
   `_ROUTER_HWM` small ones; on the XPUB a subscriber holds at most `_FANOUT_HWM` chunks of
   the streams it follows: the fan-out applies only subscriptions to a whole stream id,
   so nobody receives every stream (or streams whose random id it was not told); a node
@@ -61,6 +61,7 @@ _ERROR_LOG_INTERVAL = 60.0  # seconds between two log lines about the same misbe
 _TRIM_AFTER = 16 << 20  # bytes received after which an idle broker hands freed heap pages back
 _TRIM_QUIET = 1.0  # seconds without traffic before that happens (never during a transfer); then again each second
 _TRIM_FOLLOW = 10.0  # ... for this long (peers that disconnect after a burst free more)
+_TRIM_WINDOW = 0.1  # seconds of traffic IdleTrim judges at once (a few heartbeats in one are not traffic)
 
 
 # (label in messages, CLI option, keyword) of the three bound endpoints
@@ -322,6 +323,8 @@ class Broker:
         router = self._router
         assert router is not None
         next_sweep = monotonic() + _SWEEP_INTERVAL
+        window_end = monotonic() + _TRIM_WINDOW
+        received = 0  # bytes received in the current trim window
         while not self._stop.is_set():
             try:
                 frames = recv_frames(router)
@@ -329,11 +332,14 @@ class Broker:
                 frames = None
             now = monotonic()
             if frames is not None:
-                self._trim.received(sum(map(len, frames)), now)
+                received += sum(map(len, frames))
                 try:
                     self._handle(frames, now)
                 except Exception as exc:  # one message must never stop the routing
                     self._failed(frames, exc)
+            if now >= window_end:
+                self._trim.received(received, now)
+                received, window_end = 0, now + _TRIM_WINDOW
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_INTERVAL
                 self._sweep(now)
@@ -348,6 +354,7 @@ class Broker:
                 log.warning("node '%s' dropped: it read nothing for %g s", entry.fqcn, _STUCK_PEER)
         for entry in self.registry.expire(now):
             log.warning("node '%s' expired: no heartbeat for %.1f s", entry.fqcn, self.registry.node_timeout)
+        self._outflow.retain(self.registry.identities())
 
     def _failed(self, frames: list, exc: Exception) -> None:
         """Count a message whose handling raised; log it at most once per peer per minute."""
@@ -373,16 +380,17 @@ class Broker:
             if not self._outflow.admit(identity, size):
                 self.stats["dropped_full"] += 1
                 return "busy"
-            if not self._outflow.needs_tracker(identity, size):
+            now = monotonic()
+            if not self._outflow.needs_tracker(identity, size, now):
                 send_frames(router, frames, NOBLOCK)
-                self._outflow.sent(identity, size, None, monotonic())
+                self._outflow.sent(identity, size, None, now)
                 return None
             for frame in frames[:-1]:
                 router.send(frame, zmq.NOBLOCK | zmq.SNDMORE, copy=False)
             last = frames[-1]
             tracked = zmq.Frame(last.buffer if isinstance(last, zmq.Frame) else last, track=True, copy=False)
             tracker = router.send(tracked, zmq.NOBLOCK, copy=False, track=True)
-            self._outflow.sent(identity, size, tracker, monotonic())
+            self._outflow.sent(identity, size, tracker, now)
             return None
         except zmq.Again:
             self.stats["dropped_busy"] += 1

@@ -6,7 +6,7 @@ its own after the first large free), so a broker that took a flood of large garb
 twice its resting size although it held none of them any more; `malloc_trim(0)` returns those pages.
 
 `IdleTrim` decides when (socket-free, the clock an argument): after at least `min_bytes` were received
-and then no message bigger than a few heartbeats for `quiet` seconds, so it never runs during a transfer;
+and then no window of traffic bigger than a few heartbeats for `quiet` seconds, so it never runs during a transfer;
 then again every `quiet` seconds for `follow` seconds, because the peers of a flood free more memory
 when they disconnect. `release_free_memory()` calls
 glibc's `malloc_trim` where it exists (Linux with glibc) and does nothing elsewhere.
@@ -23,16 +23,16 @@ class IdleTrim:
 
     def __init__(self, min_bytes: int, quiet: float, follow: float, small: int = 4096) -> None:
         self.min_bytes = min_bytes  # bytes a burst must bring before it is worth a release
-        self.quiet = quiet  # seconds without a busy message that end a burst; also the interval of the follow-ups
+        self.quiet = quiet  # seconds without a busy window that end a burst; also the interval of the follow-ups
         self.follow = follow  # seconds after a burst during which releases go on (closing peers free more)
-        self.small = small  # a message under this many bytes (a heartbeat) is not traffic
+        self.small = small  # a window of traffic under this many bytes (heartbeats) is not traffic
         self._pending = 0
         self._last_busy = float("-inf")
         self._follow_until = float("-inf")
         self._next = float("-inf")
 
     def received(self, nbytes: int, now: float) -> None:
-        """Count a message of `nbytes` that arrived at time `now`."""
+        """Count `nbytes` that arrived in the window of traffic ending at time `now`."""
         self._pending += nbytes
         if nbytes >= self.small:
             self._last_busy = now

@@ -9,21 +9,24 @@ flight, or one message of any size when no tracked message of it is in flight.
 Some of these messages go with a tracker (a `done` flag that libzmq sets once it has written
 the message and released it); a tracked zero-copy frame costs pyzmq about 60 µs of CPU (its
 garbage-collector thread frees it), so not every one does. A message goes untracked while the
-untracked bytes sent to its peer since its last tracked message stay within `untracked_limit`;
-they count until the peer's next tracked message is written, since a peer's messages are
-written in order. Messages under `TRACK_MIN` are bounded by the socket's SNDHWM instead
-(SNDHWM x TRACK_MIN bytes). `stuck` names the peers whose oldest tracked message has waited
-longer than a limit: they stopped reading.
+untracked bytes sent to its peer since its last tracked message stay within `untracked_limit`
+and the oldest of them is younger than `untracked_age`; they count until the peer's next
+tracked message is written, since a peer's messages are written in order. So a peer holds at
+most `peer_limit` bytes plus one message, and whatever it was sent goes tracked within
+`untracked_age`, where `sweep` sees it if it stays unread. Messages under `TRACK_MIN` are
+bounded by the socket's SNDHWM instead (SNDHWM x TRACK_MIN bytes). `sweep` names the peers
+whose oldest tracked message has waited longer than a limit: they stopped reading.
 
 Socket-free: the trackers are any objects with a boolean `done` attribute; the clock is an
 argument.
 """
 
 from collections import deque
-from typing import Optional, Protocol
+from typing import Container, Optional, Protocol
 
 TRACK_MIN = 8 * 1024
 UNTRACKED_LIMIT = 1 << 20  # bytes a peer may be sent untracked before its next message goes tracked
+UNTRACKED_AGE = 1.0  # seconds after which a peer's next message goes tracked, whatever its untracked bytes
 
 
 class Tracker(Protocol):
@@ -33,12 +36,14 @@ class Tracker(Protocol):
 class OutFlow:
     """Per-peer bytes in flight, from trackers that complete in send order."""
 
-    def __init__(self, peer_limit: int, untracked_limit: int = UNTRACKED_LIMIT) -> None:
+    def __init__(self, peer_limit: int, untracked_limit: int = UNTRACKED_LIMIT,
+                 untracked_age: float = UNTRACKED_AGE) -> None:
         self.peer_limit = peer_limit
         self.untracked_limit = untracked_limit
+        self.untracked_age = untracked_age
         self._flights: dict[bytes, deque[tuple[Tracker, int, float]]] = {}
         self._bytes: dict[bytes, int] = {}
-        self._untracked: dict[bytes, tuple[int, float]] = {}  # peer -> (bytes sent untracked since, last send)
+        self._untracked: dict[bytes, tuple[int, float]] = {}  # peer -> (untracked bytes, when the first was sent)
 
     def tracked(self, peer: bytes) -> int:
         """Bytes of `peer`'s tracked messages (with the untracked ones before them) not written yet."""
@@ -65,16 +70,18 @@ class OutFlow:
         untracked = self._untracked.get(peer)
         return held + (untracked[0] if untracked else 0) + size <= self.peer_limit
 
-    def needs_tracker(self, peer: bytes, size: int) -> bool:
-        """Whether a message of `size` bytes (TRACK_MIN or more) must be sent with a tracker."""
+    def needs_tracker(self, peer: bytes, size: int, now: float) -> bool:
+        """Whether a message of `size` bytes (TRACK_MIN or more) must be sent with a tracker at time `now`."""
         untracked = self._untracked.get(peer)
-        return (untracked[0] if untracked else 0) + size > self.untracked_limit
+        if untracked is None:
+            return size > self.untracked_limit
+        return untracked[0] + size > self.untracked_limit or now - untracked[1] >= self.untracked_age
 
     def sent(self, peer: bytes, size: int, tracker: Optional[Tracker], now: float) -> None:
         """Record a message queued for `peer` at time `now`, with its tracker or None."""
         if tracker is None:
             untracked = self._untracked.get(peer)
-            self._untracked[peer] = ((untracked[0] if untracked else 0) + size, now)
+            self._untracked[peer] = (untracked[0] + size, untracked[1]) if untracked else (size, now)
             return
         untracked = self._untracked.pop(peer, None)
         if untracked:  # written before this one: done when it is
@@ -83,19 +90,17 @@ class OutFlow:
         self._bytes[peer] = self._bytes.get(peer, 0) + size
 
     def sweep(self, now: float, limit: float) -> list[bytes]:
-        """Forget what is written; return the peers whose oldest tracked message waited over `limit` s.
-
-        Untracked bytes of a peer with no tracked message in flight are forgotten `limit` s after
-        its last one was sent: by then they were written, or the peer is stuck and SNDHWM bounds them.
-        """
+        """Forget what is written; return the peers whose oldest tracked message waited over `limit` s."""
         stuck = []
         for peer in list(self._flights):
             if self.tracked(peer) and now - self._flights[peer][0][2] > limit:
                 stuck.append(peer)
-        for peer, (_, last) in list(self._untracked.items()):
-            if peer not in self._flights and now - last > limit:
-                del self._untracked[peer]
         return stuck
+
+    def retain(self, peers: Container[bytes]) -> None:
+        """Forget the untracked bytes of every peer not in `peers` (it left: nothing more is sent to it)."""
+        for peer in [peer for peer in self._untracked if peer not in peers]:
+            del self._untracked[peer]
 
     def __len__(self) -> int:
         """Peers with bytes counted in flight."""

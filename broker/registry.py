@@ -1,6 +1,7 @@
 """Which FQCN is connected on which ROUTER identity, and when it was last heard from."""
 
 from dataclasses import dataclass
+from typing import Container
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Registry:
         for entry in dead:
             self.remove_identity(entry.identity)
         return named
+
+    def identities(self) -> "Container[bytes]":
+        """The connection identities registered now (a live view)."""
+        return self._by_identity.keys()
 
     def names(self) -> list[str]:
         return sorted(self._by_fqcn)

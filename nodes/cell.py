@@ -11,7 +11,8 @@ Threading rule (every change to this module follows it):
    with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
    Request callbacks run in the Cell's pool: a bounded `WorkerPool` (`workers`
    threads, at most `_MAX_QUEUED_CALLBACKS` calls or `_MAX_QUEUED_BYTES` waiting; beyond
-   that a request is answered "busy" at once) — never a new thread per message.
+   that a request is answered "busy" at once) — never a new thread per message. Its threads
+   are daemons: a process that exits without `stop()` does not wait for callbacks in it.
    `register_request_cb(..., inline=True)` runs a callback on the I/O thread for the few
    internal handlers that only record an event: such a callback must not block, wait or
    touch the disk, or every message of the Cell waits with it; it may return `InPool(work)`

@@ -27,7 +27,8 @@ class WorkerPool:
         self._calls: "queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0  # started threads waiting for a call that no submitted call has claimed yet
+        self._idle = 0  # threads waiting for a call, none of them claimed by a queued call yet
+        self._unclaimed = 0  # queued calls that no waiting thread was counted for: busy threads take them
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -40,7 +41,8 @@ class WorkerPool:
                 self._idle -= 1
                 return
             if self._threads >= self._max:
-                return  # a busy thread takes it when it is done
+                self._unclaimed += 1  # a busy thread takes it when it is done
+                return
             self._threads += 1
             number = self._threads
         threading.Thread(target=self._work, name=f"{self._name}_{number - 1}", daemon=True).start()
@@ -73,4 +75,7 @@ class WorkerPool:
                 log.exception("a call in worker pool %s failed", self._name)
             del call, fn, args  # release what the call held before waiting for the next one
             with self._lock:
-                self._idle += 1
+                if self._unclaimed:
+                    self._unclaimed -= 1  # this thread takes a queued call at once
+                else:
+                    self._idle += 1

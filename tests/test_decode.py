@@ -146,22 +146,40 @@ def test_outflow_bounds_bytes_per_peer_and_always_lets_one_message_through():
 
 
 def test_outflow_counts_untracked_messages_until_a_later_tracked_one_is_written():
-    flow = OutFlow(peer_limit=10 * MiB, untracked_limit=MiB)
+    flow = OutFlow(peer_limit=10 * MiB, untracked_limit=MiB, untracked_age=1.0)
     medium = 32 * 1024
-    assert not flow.needs_tracker(b"a", MiB) and flow.needs_tracker(b"a", MiB + 1)
+    assert not flow.needs_tracker(b"a", MiB, 0.0) and flow.needs_tracker(b"a", MiB + 1, 0.0)
     for _ in range(MiB // medium):
         flow.sent(b"a", medium, None, 0.0)
-    assert flow.in_flight(b"a") == MiB and flow.needs_tracker(b"a", medium)  # the limit is reached: track
+    assert flow.in_flight(b"a") == MiB and flow.needs_tracker(b"a", medium, 0.5)  # the limit is reached: track
     assert flow.admit(b"a", 64 * MiB)  # nothing tracked in flight: one message of any size, as before
     tracker = FakeTracker()
-    flow.sent(b"a", medium, tracker, 1.0)
-    assert flow.in_flight(b"a") == MiB + medium and not flow.needs_tracker(b"a", medium)
-    flow.sent(b"a", medium, None, 1.0)  # after the tracked one: counted until the next tracked one is written
+    flow.sent(b"a", medium, tracker, 0.5)
+    assert flow.in_flight(b"a") == MiB + medium and not flow.needs_tracker(b"a", medium, 0.5)
+    flow.sent(b"a", medium, None, 0.5)  # after the tracked one: counted until the next tracked one is written
     assert not flow.admit(b"a", 9 * MiB) and flow.admit(b"a", 8 * MiB)
     tracker.done = True
     assert flow.in_flight(b"a") == medium and flow.admit(b"a", 64 * MiB)
-    assert flow.sweep(now=10.0, limit=15.0) == [] and flow.in_flight(b"a") == medium
-    assert flow.sweep(now=16.5, limit=15.0) == [] and flow.in_flight(b"a") == 0 and len(flow) == 0
+    assert flow.sweep(now=100.0, limit=15.0) == [] and flow.in_flight(b"a") == medium  # never forgotten by time
+    flow.retain({b"b"})  # the peer left
+    assert flow.in_flight(b"a") == 0 and len(flow) == 0
+
+
+def test_outflow_tracks_sparse_messages_to_a_peer_that_never_reads():
+    flow = OutFlow(peer_limit=16 * MiB, untracked_limit=MiB, untracked_age=1.0)
+    trackers = []
+    now = 0.0
+    for _ in range(100):  # one 64 KiB message every 16 s: never near the byte limit
+        if flow.needs_tracker(b"a", 64 * 1024, now):
+            trackers.append(FakeTracker())
+            flow.sent(b"a", 64 * 1024, trackers[-1], now)
+        else:
+            flow.sent(b"a", 64 * 1024, None, now)
+        if flow.sweep(now, limit=15.0):
+            break
+        now += 16.0
+    assert trackers and flow.sweep(now, limit=15.0) == [b"a"]  # found stuck, so the broker drops it
+    assert flow.in_flight(b"a") <= 3 * 64 * 1024
 
 
 def test_peer_errors_log_once_per_peer_per_interval():

@@ -5,8 +5,7 @@ once libzmq is done with the frame (its tracker says so). Buffers come in power-
 A returned buffer waits for reuse only while the buffers lent and waiting together stay within
 `idle_limit` (by default the ReplyBudget's total, which bounds the bytes lent): steady pulls
 then reuse every buffer instead of allocating (and zeroing) one per chunk, and the owner's
-buffer memory never exceeds what its budget lets be in flight. Reads under `COPY_BELOW` bytes take
-no buffer: copying them costs less than tracking a frame.
+buffer memory never exceeds what its budget lets be in flight.
 """
 
 import threading
@@ -14,7 +13,6 @@ import threading
 from fedstream.nodes.pull.budget import TOTAL_BYTES
 
 SMALLEST = 64 << 10
-COPY_BELOW = 64 << 10  # a read this small gets no buffer: its bytes are copied into the frame (pyzmq's threshold)
 IDLE_LIMIT = TOTAL_BYTES
 
 

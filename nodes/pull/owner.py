@@ -45,7 +45,7 @@ from fedstream.nodes.objects import spool
 from fedstream.nodes.per_cell import PerCell
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
-from fedstream.nodes.pull.buffers import COPY_BELOW, BufferPool, buffer_size
+from fedstream.nodes.pull.buffers import BufferPool, buffer_size
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 from fedstream.nodes.pull.secure import SecureSessions, Session
 from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile
@@ -277,18 +277,16 @@ class PullOwner:
         """Bytes [offset, offset+length) of `shared` (clipped to its size, sealed for a session) within the budget."""
         length = max(0, min(length, shared.size - offset))
         extra = e2e.TAG_BYTES if session is not None else 0
-        copied = length < COPY_BELOW  # read into a new bytes object, which the Cell's socket copies
-        token = self._reserve(requester, (length if copied else buffer_size(length)) + extra)
+        token = self._reserve(requester, (buffer_size(length) if length else 0) + extra)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
-        buffer = self._buffers.take(length) if not copied else None
+        buffer = self._buffers.take(length) if length else None
         reply: "zmq.Frame | bytes | Reply" = b""
         try:
             reply = self._read(shared, offset, length, buffer)
             if session is not None and not isinstance(reply, Reply):
-                plain = reply.buffer if isinstance(reply, zmq.Frame) else reply
-                sealed = session.sealer.seal(offset, plain)
-                reply = sealed if copied else zmq.Frame(sealed, copy=False, track=True)
+                plain = reply.buffer if isinstance(reply, zmq.Frame) else b""
+                reply = zmq.Frame(session.sealer.seal(offset, plain), copy=False, track=True)
                 if buffer is not None:  # the sealed copy is what goes out: the buffer is free now
                     self._buffers.give(buffer)
                     buffer = None
@@ -303,17 +301,13 @@ class PullOwner:
     @staticmethod
     def _read(shared: SharedFile, offset: int, length: int,
               buffer: Optional[bytearray]) -> "zmq.Frame | bytes | Reply":
-        """The reply to a chunk request: the bytes read straight into the buffer of the frame that is sent.
-
-        Without a buffer (a read under COPY_BELOW bytes), the bytes read: a tracked zero-copy frame
-        costs more than copying so few (pyzmq frees it through its garbage-collector thread).
-        """
+        """The reply to a chunk request: the bytes read straight into the buffer of the frame that is sent."""
         try:
             with shared.reading() as fd:
                 if shared.changed(fd):
                     return Reply.failure(wire.ERR_CHANGED, f"the file {shared.name!r} changed on the owner")
                 if buffer is None:
-                    return os.pread(fd, length, offset) if length else b""
+                    return b""
                 count = os.preadv(fd, [memoryview(buffer)[:length]], offset)
         except Closed:
             return Reply.failure(wire.ERR_UNKNOWN_REF, f"{wire.UNKNOWN_REF_MESSAGE} {shared.ref_id!r}")
