@@ -57,35 +57,35 @@ class OutFlow:
             return 0
         return self._bytes[peer]
 
+    def untracked(self, peer: bytes) -> int:
+        """Bytes sent to `peer` untracked since its last tracked message."""
+        entry = self._untracked.get(peer)
+        return entry[0] if entry else 0
+
     def in_flight(self, peer: bytes) -> int:
         """Bytes sent to `peer` that may not have left yet (untracked ones count until a later tracked one left)."""
-        untracked = self._untracked.get(peer)
-        return self.tracked(peer) + (untracked[0] if untracked else 0)
+        return self.tracked(peer) + self.untracked(peer)
 
     def admit(self, peer: bytes, size: int) -> bool:
         """Tell whether a message of `size` bytes may be queued for `peer` now."""
         held = self.tracked(peer)
-        if held == 0:
-            return True
-        untracked = self._untracked.get(peer)
-        return held + (untracked[0] if untracked else 0) + size <= self.peer_limit
+        return held == 0 or held + self.untracked(peer) + size <= self.peer_limit
 
     def needs_tracker(self, peer: bytes, size: int, now: float) -> bool:
         """Whether a message of `size` bytes (TRACK_MIN or more) must be sent with a tracker at time `now`."""
-        untracked = self._untracked.get(peer)
-        if untracked is None:
-            return size > self.untracked_limit
-        return untracked[0] + size > self.untracked_limit or now - untracked[1] >= self.untracked_age
+        entry = self._untracked.get(peer)
+        if entry is not None and now - entry[1] >= self.untracked_age:
+            return True
+        return self.untracked(peer) + size > self.untracked_limit
 
     def sent(self, peer: bytes, size: int, tracker: Optional[Tracker], now: float) -> None:
         """Record a message queued for `peer` at time `now`, with its tracker or None."""
         if tracker is None:
-            untracked = self._untracked.get(peer)
-            self._untracked[peer] = (untracked[0] + size, untracked[1]) if untracked else (size, now)
+            first = self._untracked.get(peer, (0, now))[1]
+            self._untracked[peer] = (self.untracked(peer) + size, first)
             return
-        untracked = self._untracked.pop(peer, None)
-        if untracked:  # written before this one: done when it is
-            size += untracked[0]
+        size += self.untracked(peer)  # sent before this one: written when it is
+        self._untracked.pop(peer, None)
         self._flights.setdefault(peer, deque()).append((tracker, size, now))
         self._bytes[peer] = self._bytes.get(peer, 0) + size
 
