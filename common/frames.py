@@ -16,8 +16,10 @@ POLLOUT = int(zmq.POLLOUT)
 NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
-# pyzmq's Socket.send is a Python wrapper that only adds routing_id/group (unused here) to this one.
+# pyzmq's Socket.send is a Python wrapper that only adds routing_id/group (unused here) to this one,
+# and its Socket.get turns the option into an enum first.
 _send = zmq.backend.Socket.send
+_get = zmq.backend.Socket.get
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence, flags: int = 0) -> None:
@@ -37,6 +39,11 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list:
     return frames
 
 
+def events(sock: zmq.Socket) -> int:
+    """The socket's ZMQ_EVENTS (POLLIN | POLLOUT bits) as a plain int."""
+    return _get(sock, _EVENTS)
+
+
 def readable(sock: zmq.Socket) -> bool:
     """Whether a message waits on `sock` (what a NOBLOCK receive would find), without raising zmq.Again."""
-    return bool(sock.get(_EVENTS) & POLLIN)
+    return bool(_get(sock, _EVENTS) & POLLIN)

@@ -2,11 +2,17 @@
 
 Threading rule (every change to this module follows it):
 
-1. **One I/O thread owns the broker connection.** It creates the DEALER and the outbox
-   PULL socket itself, is the only thread that touches them, and closes them itself when
-   it ends. Other threads hand it messages through the outbox PUSH socket, which they use
-   only under `_send_lock` (the lock gives ZeroMQ the memory barrier it needs to use a
-   socket from several threads); `stop()` closes that one.
+1. **One I/O thread reads the broker connection; any thread sends on it, under `_socket_lock`.**
+   The I/O thread creates the DEALER and the outbox PULL socket, and closes them when it ends.
+   Every use of the DEALER, by any thread, happens under `_socket_lock` (the lock gives ZeroMQ
+   the memory barrier it needs to use a socket from several threads), so a request or a reply
+   leaves from the thread that makes it, with no hand-off. While it sleeps, the I/O thread
+   polls only the DEALER's file descriptor, never the socket itself. That descriptor is
+   edge-triggered: a send by another thread may consume the signal of a message that arrived,
+   so a sender that then finds input waiting (or the connection writable while something waits
+   for it) wakes the I/O thread through the outbox, which carries only such wake-ups (PUSH side
+   under `_send_lock`; `stop()` closes it). Messages the connection cannot take yet wait in
+   order in the backlog; a thread other than the I/O thread waits (bounded) for room in it.
 2. **No disk I/O and no user code on the I/O thread.** It moves frames, decodes headers
    with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
    Request callbacks run in the Cell's pool: a bounded `WorkerPool` (`workers`
@@ -20,7 +26,7 @@ Threading rule (every change to this module follows it):
 3. **Any exception from one message is contained.** The I/O thread drops the message,
    counts it in `stats`, logs it at most once per peer per minute, and keeps serving.
 4. **The I/O thread sleeps until there is work.** It waits in one poll for a message (from the
-   broker, from the outbox, or stop()'s wake-up posted there), for the connection to come up
+   broker, a sender's or stop()'s wake-up on the outbox), for the connection to come up
    (a REGISTER that could not go out yet), or for its next heartbeat; a tick of `_BACKLOG_TICK`
    only while the connection is full. An idle Cell wakes twice per heartbeat and no more.
 5. **`stop()` checks.** It joins the I/O thread with a timeout and logs an error if the
@@ -61,7 +67,7 @@ from fedstream.common.errors import (
     UnreachableError,
 )
 from fedstream.common.fqcn import validate_fqcn
-from fedstream.common.frames import NOBLOCK, POLLIN, POLLOUT, readable, recv_frames, send_frames
+from fedstream.common.frames import NOBLOCK, POLLIN, POLLOUT, events, readable, recv_frames, send_frames
 from fedstream.common.peerlog import PeerErrors
 from fedstream.nodes.message import (
     KIND_ERROR,
@@ -94,6 +100,7 @@ _ZMTP_HEARTBEAT_IVL = 10_000  # ms
 _ZMTP_HEARTBEAT_TIMEOUT = 10_000  # ms without traffic after a ping before the connection is dropped
 _BACKLOG_TICK = 0.2  # seconds between looks at the stop flag while the broker connection is full
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
+_SEND_WAIT = 10.0  # seconds a sending thread waits for room in the backlog before giving up
 _STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
 _BYE_WAIT = 0.5  # seconds stop() waits for the broker to confirm its BYE
 _WAKE = b""  # posted to the I/O thread to make it look at the stop flag
@@ -180,7 +187,12 @@ class Cell:
         self._queued_lock = threading.Lock()
         self._queued_calls = 0
         self._queued_bytes = 0
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.Lock()  # the outbox PUSH (wake-ups), shared by senders and stop()
+        self._socket_lock = threading.Lock()  # the DEALER and the backlog
+        self._room = threading.Condition(self._socket_lock)  # notified as the backlog drains or the DEALER closes
+        self._dealer: Optional[zmq.Socket] = None
+        self._accepting = False  # other threads may send on the DEALER (it is open and set up)
+        self._io_asleep = False  # the I/O thread polls and no wake-up was posted since
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._reg_reason: Optional[str] = None
@@ -218,7 +230,6 @@ class Cell:
         except zmq.ZMQError as exc:
             raise CellError(self._cannot_open(exc)) from None
         self._out_push.setsockopt(zmq.SNDHWM, _OUT_HWM)
-        self._out_push.setsockopt(zmq.SNDTIMEO, 10_000)
         self._out_push.connect(self._outbox_endpoint)  # inproc may connect before the I/O thread binds
         self._executor = WorkerPool(self._workers, f"cell-{self.fqcn}")
         self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
@@ -311,10 +322,13 @@ class Cell:
         self._out_pull = self.context.socket(zmq.PULL)
         self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
         self._out_pull.bind(self._outbox_endpoint)
+        with self._socket_lock:
+            self._accepting = True
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
-            self._dealer.disable_monitor()
+            with self._socket_lock:
+                self._dealer.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
 
@@ -332,8 +346,11 @@ class Cell:
         self._close_monitor()
         if self._out_pull is not None:
             self._out_pull.close(linger=0)
-        if self._dealer is not None:
-            self._dealer.close(linger=500)
+        with self._socket_lock:
+            self._accepting = False
+            self._room.notify_all()  # a sender waiting for room learns that the cell stopped
+            if self._dealer is not None:
+                self._dealer.close(linger=500)
 
     def _shutdown(self) -> None:
         assert self._thread is not None
@@ -343,11 +360,7 @@ class Cell:
             except Exception:  # a hook must not prevent the cell from stopping
                 log.exception("stop hook of cell '%s' failed", self.fqcn)
         self._stop.set()
-        with self._send_lock:
-            try:
-                self._out_push.send(_WAKE, zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+        self._wake_io()
         self._thread.join(_JOIN_TIMEOUT)
         io_ended = not self._thread.is_alive()
         if not io_ended:
@@ -361,7 +374,7 @@ class Cell:
         for request in pending.values():
             if not request.future.done():
                 request.future.set_exception(CellError(f"Cell '{self.fqcn}' stopped."))
-        with self._send_lock:  # a pool thread may still be replying: never close under its send
+        with self._send_lock:  # a sender may still be waking the I/O thread: never close under it
             self._out_push.close(linger=0)
         self._registered.clear()
         self._reg_answer.clear()
@@ -503,16 +516,52 @@ class Cell:
         return [proto.SEND, target.encode(), meta, *frames]
 
     def _post(self, frames: list) -> None:
-        if threading.current_thread() is self._thread:
-            self._to_broker(frames)
-            return
-        with self._send_lock:  # the outbox socket is shared by sending threads and closed by stop()
-            if self._out_push.closed:
+        """Send on the broker connection from any thread, in order behind what it could not take yet."""
+        on_io_thread = threading.current_thread() is self._thread
+        with self._socket_lock:
+            if not on_io_thread:
+                self._wait_for_room()
+            touches_dealer = not self._backlog  # behind a backlog, the message only joins it
+            sent = self._send_or_queue(frames)
+            wake = not on_io_thread and touches_dealer and self._io_asleep and self._io_needed()
+            if wake:
+                self._io_asleep = False
+        if not sent:
+            self._undeliverable_locally(frames)
+        if wake:
+            self._wake_io()
+
+    def _wait_for_room(self) -> None:
+        """Wait until the backlog has room for one more message; called under `_socket_lock`."""
+        deadline = 0.0
+        while not self._accepting or len(self._backlog) >= _OUT_HWM or self._backlog_bytes >= _BACKLOG_LIMIT:
+            if not self._accepting:
                 raise CellError(f"Cell '{self.fqcn}' stopped.")
-            try:
-                send_frames(self._out_push, frames)
-            except zmq.Again:
-                raise CellError(f"Cell '{self.fqcn}' cannot send: its I/O thread is stuck.") from None
+            now = time.monotonic()
+            deadline = deadline or now + _SEND_WAIT
+            if now >= deadline:
+                raise CellError(f"Cell '{self.fqcn}' cannot send: the connection to the broker took nothing "
+                                f"for {_SEND_WAIT:g} s.")
+            self._room.wait(deadline - now)
+
+    def _io_needed(self) -> bool:
+        """Whether the I/O thread must look at the DEALER after a send (its descriptor may not say so).
+
+        Called under `_socket_lock`: a message went to the new backlog, or one waits to be read, or a
+        REGISTER waits for a connection that is now up."""
+        if self._backlog:
+            return True
+        ready = events(self._dealer)
+        return bool(ready & POLLIN or (ready & POLLOUT and self._register_due))
+
+    def _wake_io(self) -> None:
+        """Make the I/O thread leave its poll and look at the DEALER and the stop flag."""
+        with self._send_lock:
+            if not self._out_push.closed:
+                try:
+                    self._out_push.send(_WAKE, NOBLOCK)
+                except zmq.Again:  # the outbox is full of wake-ups already
+                    pass
 
     def _forget(self, request_id: int) -> None:
         with self._pending_lock:
@@ -539,33 +588,42 @@ class Cell:
             pending.future.set_result(result)
 
     # -- I/O thread ------------------------------------------------------------------------
-    def _to_broker(self, frames: list) -> None:
-        """Send now, or keep the message in order until the connection has room."""
+    def _send_or_queue(self, frames: list) -> bool:
+        """Send now, or keep the message in order until the connection has room; under `_socket_lock`.
+
+        False: the message cannot go (the connection is down and the cell not registered)."""
         if self._backlog:
             self._queue_backlog(frames)
-            return
+            return True
         try:
             send_frames(self._dealer, frames, NOBLOCK)
         except zmq.Again:
-            if self._registered.is_set():
-                self._queue_backlog(frames)
-            else:
-                self._undeliverable_locally(frames)
+            if not self._registered.is_set():
+                return False
+            self._queue_backlog(frames)
+        return True
 
     def _queue_backlog(self, frames: list) -> None:
         self._backlog.append(frames)
         self._backlog_bytes += sum(len(frame) for frame in frames)
 
     def _flush_backlog(self) -> None:
+        """Send what waits, in order, while the connection takes it; under `_socket_lock`."""
+        sent = False
         while self._backlog:
             try:
                 send_frames(self._dealer, self._backlog[0], NOBLOCK)
             except zmq.Again:
-                return
+                break
             self._backlog_bytes -= sum(len(frame) for frame in self._backlog.popleft())
+            sent = True
+        if sent:
+            self._room.notify_all()
 
     def _drop_backlog(self) -> None:
-        backlog, self._backlog, self._backlog_bytes = self._backlog, deque(), 0
+        with self._socket_lock:
+            backlog, self._backlog, self._backlog_bytes = self._backlog, deque(), 0
+            self._room.notify_all()
         for frames in backlog:
             self._undeliverable_locally(frames)
 
@@ -596,68 +654,42 @@ class Cell:
             self._close_sockets()
 
     def _serve(self) -> None:
-        """Move messages until stop(); sleep in poll until a socket is ready or the next heartbeat is due."""
+        """Move messages until stop(); sleep in poll until the DEALER or the outbox stirs, or the next heartbeat."""
         self._beat = self._hb_interval
-        self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
-        self._register_with_broker()
+        with self._socket_lock:
+            self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
+            self._register_with_broker()
         last_heard = last_beat = time.monotonic()  # last_beat: when the broker last got a beat or a REGISTER
-        dealer, outbox = self._dealer, self._out_pull
+        dealer_fd = self._dealer.get(zmq.FD)
         items: list = []
-        interest: tuple = ()
         while not self._stop.is_set():
             next_beat = last_beat + self._beat  # registering may shorten the interval
             timeout = next_beat - time.monotonic()
-            if self._backlog:  # the outbox (and the wake-up stop() posts there) is not read meanwhile
+            if self._backlog:
                 timeout = min(timeout, _BACKLOG_TICK)
-            # While the connection is full, stop taking new messages: senders feel backpressure.
-            # Past a byte limit, stop reading requests too, so replies cannot pile up without bound.
-            # A REGISTER the connection could not take yet goes out as soon as it can (POLLOUT).
             if self._monitor is not None and self._reg_answer.is_set():
                 self._close_monitor()
-            wanted = ((POLLIN if self._backlog_bytes < _BACKLOG_LIMIT else 0)
-                      | (POLLOUT if self._backlog or self._register_due else 0),
-                      0 if self._backlog else POLLIN, self._monitor)
-            if wanted != interest:  # the poll items change only with the backlog and the handshake
-                interest = wanted
-                items = [(dealer, wanted[0]), (outbox, wanted[1])]
-                if wanted[2] is not None:
-                    items.append((wanted[2], POLLIN))
-            dealer_events = outbox_events = 0
-            for sock, events in zmq_poll(items, max(0, int(timeout * 1000) + 1)):
-                if sock is dealer:
-                    dealer_events = events
-                elif sock is outbox:
-                    outbox_events = events
-                else:
-                    self._watch_handshake()
-            if dealer_events & POLLOUT:
-                if self._register_due and not self._backlog:
-                    self._register_with_broker()
-                if self._backlog:
-                    self._flush_backlog()
-            if outbox_events & POLLIN:
-                for _ in range(256):
-                    try:
-                        frames = recv_frames(outbox, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if len(frames) > 1 or len(frames[0]):
-                        self._to_broker(frames)
-                    if self._backlog or not readable(outbox):
-                        break
-            if dealer_events & POLLIN:
-                for _ in range(256):
-                    try:
-                        frames = recv_frames(dealer, NOBLOCK)
-                    except zmq.Again:
-                        break
-                    last_heard = time.monotonic()
-                    try:
-                        self._from_broker(frames)
-                    except Exception as exc:  # one message must never stop the I/O thread
-                        self._dropped(frames, exc)
-                    if not readable(dealer):
-                        break
+            if len(items) != (2 if self._monitor is None else 3):
+                items = [(dealer_fd, POLLIN), (self._out_pull, POLLIN)]
+                if self._monitor is not None:
+                    items.append((self._monitor, POLLIN))
+            if not self._tend_dealer(sleep=True):
+                for sock, _ in zmq_poll(items, max(0, int(timeout * 1000) + 1)):
+                    if sock is self._out_pull:
+                        self._take_wakeups()
+                    elif sock is self._monitor:
+                        self._watch_handshake()
+                with self._socket_lock:
+                    self._io_asleep = False
+            for _ in range(256):  # then look at the rest of the loop (stop flag, heartbeat)
+                frames = self._next_message()
+                if frames is None:
+                    break
+                last_heard = time.monotonic()
+                try:
+                    self._from_broker(frames)
+                except Exception as exc:  # one message must never stop the I/O thread
+                    self._dropped(frames, exc)
             now = time.monotonic()
             if now >= next_beat:
                 if self._registered.is_set() and now - last_heard > _BROKER_SILENCE * self._beat:
@@ -665,19 +697,56 @@ class Cell:
                     self._registered.clear()
                     self._drop_backlog()
                 if self._registered.is_set():
-                    self._to_broker([proto.HEARTBEAT])
+                    self._post([proto.HEARTBEAT])
                 elif not self._register_due:  # sent but unanswered (or refused): ask again
-                    self._register_with_broker()
+                    with self._socket_lock:
+                        self._register_with_broker()
                 last_beat = now
         if self._registered.is_set():
-            self._drain_outbox(_STOP_DRAIN)
+            self._flush_before_bye(_STOP_DRAIN)
             self._say_bye()
+
+    def _tend_dealer(self, sleep: bool) -> bool:
+        """Send what waits for the connection if it has room; whether a message waits to be read.
+
+        With `sleep`, a False answer also marks the I/O thread asleep, under the same lock as the look:
+        from then on a sender that finds work for it wakes it (see `_post`)."""
+        with self._socket_lock:
+            ready = events(self._dealer)
+            if ready & POLLOUT and (self._backlog or self._register_due):
+                if self._register_due and not self._backlog:
+                    self._register_with_broker()
+                self._flush_backlog()
+                ready = events(self._dealer)
+            # Past a byte limit of waiting messages, stop reading: replies cannot pile up without bound.
+            readable_now = bool(ready & POLLIN) and self._backlog_bytes < _BACKLOG_LIMIT
+            self._io_asleep = sleep and not readable_now
+            return readable_now
+
+    def _next_message(self) -> Optional[list]:
+        """The next message from the broker, or None if none waits (or the backlog is over its limit)."""
+        with self._socket_lock:
+            if self._backlog_bytes >= _BACKLOG_LIMIT or not readable(self._dealer):
+                return None
+            return recv_frames(self._dealer, NOBLOCK)
+
+    def _take_wakeups(self) -> None:
+        """Empty the outbox: it only carries wake-ups (the DEALER and the stop flag are looked at next)."""
+        for _ in range(_OUT_HWM):
+            if not readable(self._out_pull):
+                return
+            self._out_pull.recv(NOBLOCK)
 
     def _say_bye(self) -> None:
         """Unregister, and wait (bounded) until the broker has done it, so a cell started next under this name
-        is not refused: the broker reads a connection in order, and answers the heartbeat after BYE with N."""
-        if self._backlog:  # the connection takes nothing: the broker forgets the name after its node timeout
-            return
+        is not refused: the broker reads a connection in order, and answers the heartbeat after BYE with N.
+
+        Other threads can no longer send: what they send from now on fails with CellError."""
+        with self._socket_lock:
+            self._accepting = False
+            self._room.notify_all()
+            if self._backlog:  # the connection takes nothing: the broker forgets the name after its node timeout
+                return
         try:
             self._dealer.send(proto.BYE, zmq.NOBLOCK)
             self._dealer.send(proto.HEARTBEAT, zmq.NOBLOCK)
@@ -692,23 +761,20 @@ class Cell:
             if cmd == proto.NOT_REGISTERED or time.monotonic() >= deadline:
                 return  # anything else (a message for this leaving cell) is dropped
 
-    def _drain_outbox(self, timeout: float) -> None:
-        """Forward what other threads sent before stop(), so nothing already sent is lost."""
+    def _flush_before_bye(self, timeout: float) -> None:
+        """Send what waits for the connection (bounded), so nothing already sent is lost by stopping."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._backlog:
+            with self._socket_lock:
+                if not self._backlog:
+                    return
                 if self._dealer.poll(50, zmq.POLLOUT):
                     self._flush_backlog()
-                continue
-            try:
-                frames = recv_frames(self._out_pull, NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) > 1 or len(frames[0]):
-                self._to_broker(frames)
 
     def _register_with_broker(self) -> None:
-        """Send REGISTER now; if no connection can take it yet, send it once one can (see _serve)."""
+        """Send REGISTER now; if no connection can take it yet, send it once one can (see _serve).
+
+        Called under `_socket_lock`."""
         hello: dict = {"v": proto.VERSION}
         if self.kit is not None:
             hello["cert"] = self.kit.certificate_bytes.decode("ascii")
@@ -745,7 +811,8 @@ class Cell:
             if self._registered.is_set():
                 log.warning("broker at %s forgot cell '%s'; registering again", self.broker, self.fqcn)
                 self._registered.clear()
-                self._register_with_broker()
+                with self._socket_lock:
+                    self._register_with_broker()
         elif cmd != proto.HEARTBEAT_ACK:
             raise proto.ProtocolError(f"unknown command {bytes(cmd[:8])!r} with {len(frames)} frames")
 
