@@ -1,0 +1,93 @@
+"""The Cell's broker connection shared by many sending threads (real broker process, real sockets)."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from fedstream.common.errors import CellError
+from fedstream.nodes import Cell
+from tests.procs import wait_until
+
+SENDERS = 8
+REQUESTS = 250
+
+
+def test_many_threads_sending_while_messages_arrive_lose_no_wake_up(procs):
+    """Senders share the DEALER while replies and one-way messages arrive on it.
+
+    A send can consume the descriptor's signal of a message that just arrived; if the I/O thread were
+    not woken then, that message would wait for its next heartbeat, here a minute away (the broker's
+    long node timeout lets the cells beat once a minute), and the 10 s requests would time out.
+    """
+    _broker, address = procs.broker("--node-timeout", "600")
+    notes: list = []
+    with Cell("asker", address, heartbeat_interval=60) as asker, \
+            Cell("answerer", address, heartbeat_interval=60) as answerer:
+        asker.register_request_cb("test", "note", lambda message: notes.append(message.payload))
+
+        def answer(message):  # answers in the pool, and sends a one-way note back while doing it
+            answerer.fire_and_forget("test", "note", message.source, message.payload)
+            return message.payload
+
+        answerer.register_request_cb("test", "echo", answer)
+        failures: list = []
+
+        def send(sender: int) -> None:
+            try:
+                for number in range(REQUESTS):
+                    payload = {"sender": sender, "n": number}
+                    assert asker.send_request("test", "echo", "answerer", payload, timeout=10) == payload
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=send, args=(sender,)) for sender in range(SENDERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not failures, failures[:3]
+        assert not any(thread.is_alive() for thread in threads)
+        wait_until(lambda: len(notes) == SENDERS * REQUESTS, 20)
+    assert sorted((note["sender"], note["n"]) for note in notes) == \
+        [(sender, number) for sender in range(SENDERS) for number in range(REQUESTS)]
+
+
+def test_a_sender_held_back_by_a_full_connection_fails_cleanly_when_the_cell_stops(procs):
+    """Senders wait for room behind a connection that takes nothing, and get CellError once the cell stops."""
+    broker, address = procs.broker("--node-timeout", "600")
+    cell = Cell("sender", address, heartbeat_interval=60).start()
+    with Cell("target", address):
+        broker.signal(signal.SIGSTOP)  # the broker reads nothing: kernel buffers, then the DEALER's queue fill up
+        outcome: list = []
+        sent = [0]
+
+        def flood() -> None:
+            blob = b"x" * 1024
+            try:
+                while True:
+                    cell.fire_and_forget("test", "flood", "target", blob)
+                    sent[0] += 1
+            except CellError as exc:
+                outcome.append(exc)
+
+        def stalled() -> bool:
+            before = sent[0]
+            time.sleep(0.5)
+            return sent[0] == before
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        try:
+            wait_until(stalled, 30)  # held back, not queueing without bound
+            assert flooder.is_alive() and not outcome and sent[0] > 1000
+            cell.stop()
+            flooder.join(15)
+            assert not flooder.is_alive()
+            assert len(outcome) == 1 and "stopped" in str(outcome[0])
+            with pytest.raises(CellError):
+                cell.fire_and_forget("test", "flood", "target", b"late")
+        finally:
+            broker.signal(signal.SIGCONT)
+            cell.stop()
