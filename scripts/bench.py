@@ -23,10 +23,12 @@ pushes --push-files (200) files of 64 KiB one after the other (`send_file`); a C
 relay (DEALER -> ROUTER relay -> DEALER): per file a request and a reply carrying the data read
 from the file, written to a new file; per pushed file the data, written, then an acknowledgement;
 bare echo round trips. Every file is checked by name and sha256. "bare threaded round trips" are
-the bare echo round trips with a Cell's threads and nothing else of fedstream: the caller posts
-each request on an inproc PUSH (locked) to an I/O thread that polls it and the DEALER and hands the
-reply back in a Future; the echo's I/O thread gives each request to a pool worker that posts the
-reply back to it. Cell round trips over these tell what fedstream costs beyond its thread layout.
+the bare echo round trips with a Cell's threads and nothing else of fedstream: the caller sends
+each request on the DEALER itself (under a lock) and gets the reply in a Future from an I/O thread
+that reads the DEALER; the echo's I/O thread queues each request for one of 8 worker threads,
+which sends the reply. Cell round trips over these tell what fedstream costs beyond its thread
+layout. "cell inline round trips" answer on the echo Cell's I/O thread
+(`register_request_cb(..., inline=True)`), which a handler that never blocks may ask for.
 
 --rtt MS[,MS...] runs bare relay 1, pull 1 and push 1 with every node (and bare peer) reaching
 the broker (relay) through a delay proxy of this script: an asyncio TCP forwarder that holds
@@ -61,7 +63,7 @@ import textwrap
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -460,50 +462,68 @@ def role_bare_ping(args) -> None:
     report(start=started, end=time.time(), items=ok - PING_WARMUP)
 
 
-def bare_outbox(sock: zmq.Socket) -> tuple[zmq.Socket, Callable[[list], None]]:
-    """A Cell's outbox, bare: the inproc PULL its I/O thread reads, and post(frames) for other threads (locked PUSH)."""
-    pull = sock.context.socket(zmq.PULL)
-    pull.bind("inproc://outbox")
-    push = sock.context.socket(zmq.PUSH)
-    push.connect("inproc://outbox")
-    lock = threading.Lock()
+class BareConnection:
+    """A Cell's thread layout, bare: any thread sends on the DEALER under a lock; an I/O thread reads it.
 
-    def post(frames: list) -> None:
-        with lock:
-            push.send_multipart(frames, copy=False)
+    The I/O thread sleeps polling the DEALER's descriptor and an inproc wake-up socket; a sender that
+    finds input waiting after its send (which may have consumed the descriptor's signal) wakes it.
+    """
 
-    return pull, post
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list], None]) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self.lock = threading.Lock()
+        self.wake_pull = sock.context.socket(zmq.PULL)
+        self.wake_pull.bind("inproc://wake")
+        self.wake_push = sock.context.socket(zmq.PUSH)
+        self.wake_push.connect("inproc://wake")
+        self.asleep = False
+        threading.Thread(target=self.read_loop, daemon=True).start()
 
+    def send(self, frames: list) -> None:
+        with self.lock:
+            self.sock.send_multipart(frames, copy=False)
+            wake = self.asleep and self.sock.get(zmq.EVENTS) & zmq.POLLIN
+            if wake:
+                self.asleep = False
+                self.wake_push.send(b"")
 
-def bare_io_loop(sock: zmq.Socket, outbox: zmq.Socket, on_message: Callable[[list], None]) -> None:
-    """A Cell's I/O thread, bare: send what the outbox holds to the relay, give what the relay sends to on_message."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(outbox, zmq.POLLIN)
-    while True:  # until the process ends
-        for ready, _ in poller.poll():
-            if ready is outbox:
-                sock.send_multipart(outbox.recv_multipart(copy=False), copy=False)
-            else:
-                on_message(sock.recv_multipart(copy=False))
+    def read_loop(self) -> None:
+        items = [(self.sock.get(zmq.FD), zmq.POLLIN), (self.wake_pull, zmq.POLLIN)]
+        while True:  # until the process ends
+            with self.lock:
+                ready = self.sock.get(zmq.EVENTS) & zmq.POLLIN
+                frames = self.sock.recv_multipart(copy=False) if ready else None
+                self.asleep = not ready
+            if frames is not None:
+                self.on_message(frames)
+                continue
+            for ready_sock, _ in zmq.zmq_poll(items):
+                if ready_sock is self.wake_pull:
+                    self.wake_pull.recv()
 
 
 def role_bare_threaded_echo(args) -> None:
-    """bare-echo with a Cell's threads: the I/O thread gives each request to a pool worker, which posts the reply."""
+    """bare-echo with a Cell's threads: the I/O thread queues each request for a pool thread, which sends the reply."""
     sock = bare_peer(args, b"echo")
-    outbox, post = bare_outbox(sock)
-    pool = ThreadPoolExecutor(8)  # a Cell's default number of workers
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    connection = BareConnection(sock, requests.put)
+
+    def worker() -> None:
+        while True:
+            connection.send(requests.get())
+
+    for _ in range(8):  # a Cell's default number of workers
+        threading.Thread(target=worker, daemon=True).start()
     print("READY", flush=True)
-    bare_io_loop(sock, outbox, lambda frames: pool.submit(post, frames))
+    wait_for_term()
 
 
 def role_bare_threaded_ping(args) -> None:
-    """bare-ping with a Cell's threads: each request goes out by the outbox, its reply comes back in a Future."""
+    """bare-ping with a Cell's threads: the caller sends each request itself, its reply comes back in a Future."""
     sock = bare_peer(args, b"ping")
-    outbox, post = bare_outbox(sock)
     waiting: deque[Future] = deque()  # one request in flight, so replies come in order
-    threading.Thread(target=bare_io_loop, args=(sock, outbox, lambda frames: waiting.popleft().set_result(frames)),
-                     daemon=True).start()
+    connection = BareConnection(sock, lambda frames: waiting.popleft().set_result(frames))
     payload = os.urandom(PING_SIZE)
     ok = 0
     for number in range(PING_WARMUP + args.count):
@@ -511,17 +531,17 @@ def role_bare_threaded_ping(args) -> None:
             started = time.time()
         reply: Future = Future()
         waiting.append(reply)
-        post([b"echo", payload])
+        connection.send([b"echo", payload])
         _sender, answer = reply.result(10.0)
         ok += answer.bytes == payload
     report(start=started, end=time.time(), items=ok - PING_WARMUP)
 
 
-def role_cell_echo(args) -> None:
+def role_cell_echo(args, inline: bool = False) -> None:
     from fedstream.nodes import Cell
 
     with Cell(args.name, args.connect, kit=kit_of(args, args.name)) as cell:
-        cell.register_request_cb("bench", "echo", lambda message: message.payload)
+        cell.register_request_cb("bench", "echo", lambda message: message.payload, inline=inline)
         print("READY", flush=True)
         wait_for_term()
 
@@ -612,7 +632,8 @@ ROLES = {
     "push-files-owner": role_push_files_owner, "push-files-recv": role_push_files_recv,
     "bare-files-owner": role_bare_files_owner, "bare-files-recv": role_bare_files_recv,
     "bare-push-send": role_bare_push_send, "bare-push-recv": role_bare_push_recv,
-    "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo, "cell-ping": role_cell_ping,
+    "bare-echo": role_bare_echo, "bare-ping": role_bare_ping, "cell-echo": role_cell_echo,
+    "cell-echo-inline": lambda args: role_cell_echo(args, inline=True), "cell-ping": role_cell_ping,
     "bare-threaded-echo": role_bare_threaded_echo, "bare-threaded-ping": role_bare_threaded_ping,
     "delay-proxy": role_delay_proxy,
 }
@@ -1092,11 +1113,13 @@ class Bench:
             run.close()
         return run
 
-    def cell_round_trips(self) -> Run:
-        run = Run("cell round trips", 1, self.workdir)
+    def cell_round_trips(self, inline: bool = False) -> Run:
+        """Cell.request round trips to an echo Cell; `inline`: it answers on its I/O thread, not in its pool."""
+        run = Run("cell inline round trips" if inline else "cell round trips", 1, self.workdir)
         try:
             broker, address = self.start_broker(run, [])
-            echo = run.start("site-1", "cell-echo", "--connect", address, "--name", "site-1")
+            echo = run.start("site-1", "cell-echo-inline" if inline else "cell-echo", "--connect", address,
+                             "--name", "site-1")
             echo.line("READY")
             ping = run.start("server", "cell-ping", "--connect", address, "--targets", "site-1",
                              "--count", str(self.round_trips))
@@ -1239,6 +1262,8 @@ def print_report(bench: Bench) -> bool:
              "rate"),
             ("bare with the Cell's threads vs bare (what the threads cost)", "bare threaded round trips",
              "bare round trips", "rate"),
+            ("request/reply, inline handler, vs bare", "cell inline round trips", "bare round trips",
+             "rate"),
         ]
     else:
         checks = [
@@ -1330,7 +1355,8 @@ def main() -> int:
                     ("bare push files", bench.bare_push_small), ("push files", bench.push_small),
                     ("bare round trips", bench.bare_round_trips),
                     ("bare threaded round trips", lambda: bench.bare_round_trips(threaded=True)),
-                    ("cell round trips", bench.cell_round_trips)]
+                    ("cell round trips", bench.cell_round_trips),
+                    ("cell inline round trips", lambda: bench.cell_round_trips(inline=True))]
         else:
             print(f"writing a {format_size(size)} source file in {workdir} ...", flush=True)
             bench.make_source()
