@@ -61,10 +61,11 @@ def test_bench_small_repeated_runs_and_verifies(procs, tmp_path):
     assert bench.wait(280) == 0, "\n".join(bench.remaining_stdout()) + bench.stderr
     out = "\n".join(bench.remaining_stdout())
     for run in ("bare pull files", "pull files", "bare push files", "push files", "bare round trips",
-                "bare threaded round trips", "cell round trips"):
+                "bare threaded round trips", "cell round trips", "cell inline round trips"):
         assert re.search(rf"^{run}\s+\d+ \[\d+-\d+\]\s+[\d.]+\s+[\d.]+\s+2/2\s", out, re.M), out
     for ratio in ("pull per file vs bare", "push per file vs bare", "request/reply vs bare",
-                  "request/reply vs bare with the Cell's threads", "bare with the Cell's threads vs bare"):
+                  "request/reply vs bare with the Cell's threads", "bare with the Cell's threads vs bare",
+                  "request/reply, inline handler, vs bare"):
         assert re.search(rf"^{re.escape(ratio)} .*\s[\d.]+x \[[\d.]+-[\d.]+\]$", out, re.M), out
     assert os.listdir(tmp_path) == []
 
