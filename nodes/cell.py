@@ -224,6 +224,8 @@ class Cell:
             raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}.")
         self._stop.clear()
         self._open_error = None
+        if self._own_context and self.context.closed:  # stop() ended the context it made: a new start makes one
+            self.context = zmq.Context()
         self._outbox_endpoint = f"inproc://fedstream-cell-{id(self)}-{time.monotonic_ns()}"
         try:
             self._out_push = self.context.socket(zmq.PUSH)
@@ -368,7 +370,9 @@ class Cell:
                       self.fqcn, _JOIN_TIMEOUT)
         self._thread = None
         if self._executor is not None:
-            self._executor.shutdown()
+            for fn, args in self._executor.shutdown():
+                if fn == self._run_queued:  # never to run: its share of the queue limits is free again
+                    self._release(args[3])
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for request in pending.values():

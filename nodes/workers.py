@@ -45,22 +45,32 @@ class WorkerPool:
                 return
             self._threads += 1
             number = self._threads
-        threading.Thread(target=self._work, name=f"{self._name}_{number - 1}", daemon=True).start()
+        try:
+            threading.Thread(target=self._work, name=f"{self._name}_{number - 1}", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had now: the call waits for a running or a later thread
+            with self._lock:
+                self._threads -= 1
+                self._unclaimed += 1
+            log.warning("worker pool %s could not start a thread (%s); the call waits in the queue", self._name, exc)
 
-    def shutdown(self) -> None:
-        """Drop the calls not started yet and let every thread end after its current call."""
+    def shutdown(self) -> list[tuple[Callable[..., Any], tuple]]:
+        """Drop the calls not started yet, and return them; every thread ends after its current call."""
         with self._lock:
             if self._closed:
-                return
+                return []
             self._closed = True
             threads = self._threads
+        dropped = []
         while True:
             try:
-                self._calls.get_nowait()
+                call = self._calls.get_nowait()
             except queue.Empty:
                 break
+            if call is not None:
+                dropped.append(call)
         for _ in range(threads):
             self._calls.put(None)
+        return dropped
 
     def _work(self) -> None:
         calls = self._calls

@@ -1,4 +1,4 @@
-"""The Cell's broker connection shared by many sending threads (real broker process, real sockets)."""
+"""The Cell's threads: its broker connection shared by many senders, its pool across a restart (real broker)."""
 
 import signal
 import threading
@@ -91,3 +91,23 @@ def test_a_sender_held_back_by_a_full_connection_fails_cleanly_when_the_cell_sto
         finally:
             broker.signal(signal.SIGCONT)
             cell.stop()
+
+
+def test_callbacks_dropped_at_stop_do_not_leave_a_restarted_cell_busy(broker_address):
+    """A stop drops the callbacks still queued; their share of the queue limits must be free again."""
+    release = threading.Event()
+    target = Cell("target", broker_address, workers=1)
+    target.register_request_cb("test", "block", lambda message: release.wait(30))
+    target.register_request_cb("test", "echo", lambda message: message.payload)
+    try:
+        with Cell("sender", broker_address) as sender:
+            target.start()
+            for _ in range(1100):  # one blocks the only worker, 1,023 wait, the rest are refused
+                sender.fire_and_forget("test", "block", "target", None)
+            wait_until(lambda: target.stats["busy"] > 0, 30)
+            target.stop()  # the blocked call keeps running in the old pool's thread; the queued ones are dropped
+            target.start()
+            assert sender.send_request("test", "echo", "target", "still served", timeout=10) == "still served"
+    finally:
+        release.set()
+        target.stop()

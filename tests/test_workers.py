@@ -48,8 +48,9 @@ def test_shutdown_drops_waiting_calls_and_refuses_new_ones():
 
     pool.submit(call, 1)
     assert started.wait(10)
-    pool.submit(call, 2)  # waits behind the first: dropped by shutdown
-    pool.shutdown()
+    pool.submit(call, 2)  # waits behind the first: dropped by shutdown, and handed back
+    assert pool.shutdown() == [(call, (2,))]
+    assert pool.shutdown() == []
     release.set()
     with pytest.raises(RuntimeError):
         pool.submit(call, 3)
