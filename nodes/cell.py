@@ -4,15 +4,19 @@ Threading rule (every change to this module follows it):
 
 1. **One I/O thread reads the broker connection; any thread sends on it, under `_socket_lock`.**
    The I/O thread creates the DEALER and the outbox PULL socket, and closes them when it ends.
-   Every use of the DEALER, by any thread, happens under `_socket_lock` (the lock gives ZeroMQ
-   the memory barrier it needs to use a socket from several threads), so a request or a reply
-   leaves from the thread that makes it, with no hand-off. While it sleeps, the I/O thread
-   polls only the DEALER's file descriptor, never the socket itself. That descriptor is
-   edge-triggered: a send by another thread may consume the signal of a message that arrived,
-   so a sender that then finds input waiting (or the connection writable while something waits
-   for it) wakes the I/O thread through the outbox, which carries only such wake-ups (PUSH side
-   under `_send_lock`; `stop()` closes it). Messages the connection cannot take yet wait in
-   order in the backlog; a thread other than the I/O thread waits (bounded) for room in it.
+   While other threads may send (`_accepting`, set with the first REGISTER and cleared before
+   BYE, both under the lock), every use of the DEALER, by any thread, happens under
+   `_socket_lock` (the lock gives ZeroMQ the memory barrier it needs to use a socket from
+   several threads), so a request or a reply leaves from the thread that makes it, with no
+   hand-off. Nothing goes out while a REGISTER waits for the connection: the broker must read
+   REGISTER first. While it sleeps, the I/O thread polls only the DEALER's file descriptor,
+   never the socket itself. That descriptor is edge-triggered: a send by another thread may consume the signal of a message that arrived,
+   so a sender that then finds input waiting (or that started a backlog, which the I/O thread
+   must flush once the connection has room) wakes the I/O thread through the outbox, which
+   carries only such wake-ups (PUSH side under `_send_lock`; `stop()` closes it). Messages the
+   connection cannot take yet wait in order in the backlog; a thread other than the I/O thread
+   waits (bounded, afresh each time the backlog moves) for room in it. After `_accepting` is
+   cleared, the I/O thread alone uses the DEALER (BYE, then close).
 2. **No disk I/O and no user code on the I/O thread.** It moves frames, decodes headers
    with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
    Request callbacks run in the Cell's pool: a bounded `WorkerPool` (`workers`
@@ -193,6 +197,8 @@ class Cell:
         self._dealer: Optional[zmq.Socket] = None
         self._accepting = False  # other threads may send on the DEALER (it is open and set up)
         self._io_asleep = False  # the I/O thread polls and no wake-up was posted since
+        self._backlog_moved = 0  # counts the times the connection took messages from the backlog
+        self._io_thread: Optional[threading.Thread] = None  # the latest I/O thread, kept after stop()
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._reg_reason: Optional[str] = None
@@ -234,7 +240,8 @@ class Cell:
         self._out_push.setsockopt(zmq.SNDHWM, _OUT_HWM)
         self._out_push.connect(self._outbox_endpoint)  # inproc may connect before the I/O thread binds
         self._executor = WorkerPool(self._workers, f"cell-{self.fqcn}")
-        self._thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}", daemon=True)
+        self._thread = self._io_thread = threading.Thread(target=self._io_loop, name=f"cell-io-{self.fqcn}",
+                                                          daemon=True)
         self._thread.start()
         if connect_timeout is not None and connect_timeout < timeout and self._broker_endpoint.scheme != "inproc":
             self._reg_answer.wait(connect_timeout)
@@ -324,8 +331,6 @@ class Cell:
         self._out_pull = self.context.socket(zmq.PULL)
         self._out_pull.setsockopt(zmq.RCVHWM, _OUT_HWM)
         self._out_pull.bind(self._outbox_endpoint)
-        with self._socket_lock:
-            self._accepting = True
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
@@ -353,6 +358,7 @@ class Cell:
             self._room.notify_all()  # a sender waiting for room learns that the cell stopped
             if self._dealer is not None:
                 self._dealer.close(linger=500)
+        self._drop_backlog()  # what the connection never took fails now, and is not kept until a next start
 
     def _shutdown(self) -> None:
         assert self._thread is not None
@@ -521,11 +527,11 @@ class Cell:
 
     def _post(self, frames: list) -> None:
         """Send on the broker connection from any thread, in order behind what it could not take yet."""
-        on_io_thread = threading.current_thread() is self._thread
+        on_io_thread = threading.current_thread() is self._io_thread
         with self._socket_lock:
             if not on_io_thread:
                 self._wait_for_room()
-            touches_dealer = not self._backlog  # behind a backlog, the message only joins it
+            touches_dealer = not self._backlog and not self._register_due  # else it joins the backlog or fails
             sent = self._send_or_queue(frames)
             wake = not on_io_thread and touches_dealer and self._io_asleep and self._io_needed()
             if wake:
@@ -538,11 +544,13 @@ class Cell:
     def _wait_for_room(self) -> None:
         """Wait until the backlog has room for one more message; called under `_socket_lock`."""
         deadline = 0.0
+        moved = -1
         while not self._accepting or len(self._backlog) >= _OUT_HWM or self._backlog_bytes >= _BACKLOG_LIMIT:
             if not self._accepting:
                 raise CellError(f"Cell '{self.fqcn}' stopped.")
             now = time.monotonic()
-            deadline = deadline or now + _SEND_WAIT
+            if moved != self._backlog_moved:  # the connection took something: wait afresh
+                moved, deadline = self._backlog_moved, now + _SEND_WAIT
             if now >= deadline:
                 raise CellError(f"Cell '{self.fqcn}' cannot send: the connection to the broker took nothing "
                                 f"for {_SEND_WAIT:g} s.")
@@ -551,12 +559,8 @@ class Cell:
     def _io_needed(self) -> bool:
         """Whether the I/O thread must look at the DEALER after a send (its descriptor may not say so).
 
-        Called under `_socket_lock`: a message went to the new backlog, or one waits to be read, or a
-        REGISTER waits for a connection that is now up."""
-        if self._backlog:
-            return True
-        ready = events(self._dealer)
-        return bool(ready & POLLIN or (ready & POLLOUT and self._register_due))
+        Called under `_socket_lock`: a message went to a new backlog, or one waits to be read."""
+        return bool(self._backlog) or readable(self._dealer)
 
     def _wake_io(self) -> None:
         """Make the I/O thread leave its poll and look at the DEALER and the stop flag."""
@@ -599,6 +603,8 @@ class Cell:
         if self._backlog:
             self._queue_backlog(frames)
             return True
+        if self._register_due:  # the connection is down, and REGISTER must be the first to go when it is up
+            return False
         try:
             send_frames(self._dealer, frames, NOBLOCK)
         except zmq.Again:
@@ -609,7 +615,7 @@ class Cell:
 
     def _queue_backlog(self, frames: list) -> None:
         self._backlog.append(frames)
-        self._backlog_bytes += sum(len(frame) for frame in frames)
+        self._backlog_bytes += sum(_frame_size(frame) for frame in frames)
 
     def _flush_backlog(self) -> None:
         """Send what waits, in order, while the connection takes it; under `_socket_lock`."""
@@ -619,9 +625,10 @@ class Cell:
                 send_frames(self._dealer, self._backlog[0], NOBLOCK)
             except zmq.Again:
                 break
-            self._backlog_bytes -= sum(len(frame) for frame in self._backlog.popleft())
+            self._backlog_bytes -= sum(_frame_size(frame) for frame in self._backlog.popleft())
             sent = True
         if sent:
+            self._backlog_moved += 1
             self._room.notify_all()
 
     def _drop_backlog(self) -> None:
@@ -661,10 +668,10 @@ class Cell:
         """Move messages until stop(); sleep in poll until the DEALER or the outbox stirs, or the next heartbeat."""
         self._beat = self._hb_interval
         with self._socket_lock:
-            self._backlog, self._backlog_bytes = deque(), 0  # nothing of an earlier start goes to this connection
+            dealer_fd = self._dealer.get(zmq.FD)
             self._register_with_broker()
+            self._accepting = True  # other threads send from now on, behind the REGISTER
         last_heard = last_beat = time.monotonic()  # last_beat: when the broker last got a beat or a REGISTER
-        dealer_fd = self._dealer.get(zmq.FD)
         items: list = []
         while not self._stop.is_set():
             next_beat = last_beat + self._beat  # registering may shorten the interval

@@ -144,6 +144,8 @@ def encode_payload(payload: Any) -> tuple[str, list]:
     """Turn a payload into (payload type, frames); ValueError if it is neither bytes nor JSON, or too large."""
     if payload is None:
         return PAYLOAD_NONE, []
+    if isinstance(payload, memoryview) and not payload.c_contiguous:  # ZeroMQ sends only one piece of memory
+        payload = payload.tobytes()
     if isinstance(payload, (bytes, bytearray, memoryview, zmq.Frame)):
         return PAYLOAD_BYTES, [payload]
     try:
