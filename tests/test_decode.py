@@ -115,6 +115,14 @@ def test_oversize_json_payload_is_refused_when_sending():
     assert msg.encode_payload(b"x" * (2 * proto.MAX_JSON_PAYLOAD))[0] == msg.PAYLOAD_BYTES
 
 
+def test_a_strided_memoryview_payload_goes_as_its_bytes():
+    """ZeroMQ sends one piece of memory: a view with gaps would fail after the first frames went out."""
+    ptype, frames = msg.encode_payload(memoryview(b"abcdef")[::2])
+    assert ptype == msg.PAYLOAD_BYTES and bytes(frames[0]) == b"ace"
+    view = memoryview(b"abcdef")
+    assert msg.encode_payload(view)[1][0] is view  # a contiguous view goes as it is, without a copy
+
+
 # -- the broker's byte accounting and the log rate limit ----------------------------------
 
 class FakeTracker:
