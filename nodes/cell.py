@@ -2,21 +2,22 @@
 
 Threading rule (every change to this module follows it):
 
-1. **One I/O thread reads the broker connection; any thread sends on it, under `_socket_lock`.**
-   The I/O thread creates the DEALER and the outbox PULL socket, and closes them when it ends.
-   While other threads may send (`_accepting`, set with the first REGISTER and cleared before
-   BYE, both under the lock), every use of the DEALER, by any thread, happens under
-   `_socket_lock` (the lock gives ZeroMQ the memory barrier it needs to use a socket from
-   several threads), so a request or a reply leaves from the thread that makes it, with no
-   hand-off. Nothing goes out while a REGISTER waits for the connection: the broker must read
-   REGISTER first. While it sleeps, the I/O thread polls only the DEALER's file descriptor,
-   never the socket itself. That descriptor is edge-triggered: a send by another thread may consume the signal of a message that arrived,
-   so a sender that then finds input waiting (or that started a backlog, which the I/O thread
-   must flush once the connection has room) wakes the I/O thread through the outbox, which
-   carries only such wake-ups (PUSH side under `_send_lock`; `stop()` closes it). Messages the
-   connection cannot take yet wait in order in the backlog; a thread other than the I/O thread
-   waits (bounded, afresh each time the backlog moves) for room in it. After `_accepting` is
-   cleared, the I/O thread alone uses the DEALER (BYE, then close).
+1. **One I/O thread reads the broker connection; any thread sends on it, under
+   `_socket_lock`.** The I/O thread creates the DEALER and the outbox PULL socket, and closes
+   them when it ends. While other threads may send (`_accepting`, set with the first REGISTER
+   and cleared before BYE, both under the lock), every use of the DEALER, by any thread,
+   happens under `_socket_lock` (the lock gives ZeroMQ the memory barrier it needs to use a
+   socket from several threads), so a request or a reply leaves from the thread that makes it,
+   with no hand-off. Nothing goes out while a REGISTER waits for the connection: the broker
+   must read REGISTER first. While it sleeps, the I/O thread polls only the DEALER's file
+   descriptor, never the socket itself. That descriptor is edge-triggered: a send by another
+   thread may consume the signal of a message that arrived, so a sender that then finds input
+   waiting (or that started a backlog, which the I/O thread must flush once the connection has
+   room) wakes the I/O thread through the outbox, which carries only such wake-ups (PUSH side
+   under `_send_lock`; `stop()` closes it). Messages the connection cannot take yet wait in
+   order in the backlog; a thread other than the I/O thread waits (bounded, afresh each time
+   the backlog moves) for room in it. After `_accepting` is cleared, the I/O thread alone uses
+   the DEALER (BYE, then close).
 2. **No disk I/O and no user code on the I/O thread.** It moves frames, decodes headers
    with the bounded codec of `nodes/message.py`, resolves pending requests and dispatches.
    Request callbacks run in the Cell's pool: a bounded `WorkerPool` (`workers`
@@ -97,17 +98,17 @@ DEFAULT_HEARTBEAT = 4.0  # seconds between heartbeats (at most; see _BEATS_PER_N
 _BEATS_PER_NODE_TIMEOUT = 2.5  # heartbeats within the broker's node timeout, whatever heartbeat_interval says
 _MIN_BEAT = 0.1  # seconds: the shortest heartbeat interval a broker's node timeout can ask for
 _BROKER_SILENCE = 3.0  # heartbeats without an answer before the broker counts as lost
-_OUT_HWM = 1000
+_OUT_HWM = 1000  # messages: the DEALER's queues, the outbox, and the backlog other threads may fill
 # ZMTP pings (answered by libzmq, not by the I/O thread) only find dead TCP connections, so that the socket
 # reconnects; the heartbeats above find a silent broker. Every 10 s: 1000 idle Cells barely notice them.
 _ZMTP_HEARTBEAT_IVL = 10_000  # ms
 _ZMTP_HEARTBEAT_TIMEOUT = 10_000  # ms without traffic after a ping before the connection is dropped
-_BACKLOG_TICK = 0.2  # seconds between looks at the stop flag while the broker connection is full
+_BACKLOG_TICK = 0.2  # seconds between looks at the connection while it is full (a safety net for its signal)
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
 _SEND_WAIT = 10.0  # seconds a sending thread waits for room in the backlog before giving up
-_STOP_DRAIN = 1.0  # seconds stop() spends forwarding messages sent just before it
+_STOP_DRAIN = 1.0  # seconds stop() spends sending what the backlog holds
 _BYE_WAIT = 0.5  # seconds stop() waits for the broker to confirm its BYE
-_WAKE = b""  # posted to the I/O thread to make it look at the stop flag
+_WAKE = b""  # posted to the I/O thread to make it look at the DEALER and the stop flag
 _JOIN_TIMEOUT = 5.0  # seconds stop() waits for the I/O thread
 _MAX_QUEUED_CALLBACKS = 1024  # callbacks waiting for or running in the pool
 _MAX_QUEUED_BYTES = 64 << 20  # payload bytes held by those callbacks
