@@ -227,6 +227,9 @@ class Cell:
         """
         if self._thread is not None:
             raise CellError(f"Cell '{self.fqcn}' is already started.")
+        if self._io_thread is not None and self._io_thread.is_alive():
+            raise CellError(f"Cell '{self.fqcn}' cannot start again: its previous I/O thread has not ended "
+                            f"(a callback on it may be blocking).")
         if timeout <= 0 or (connect_timeout is not None and connect_timeout <= 0):
             raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}.")
         self._stop.clear()
@@ -359,7 +362,7 @@ class Cell:
             self._room.notify_all()  # a sender waiting for room learns that the cell stopped
             if self._dealer is not None:
                 self._dealer.close(linger=500)
-        self._drop_backlog()  # what the connection never took fails now, and is not kept until a next start
+        self._drop_backlog(stopping=True)  # what the connection never took fails now, not at a next start
 
     def _shutdown(self) -> None:
         assert self._thread is not None
@@ -632,25 +635,29 @@ class Cell:
             self._backlog_moved += 1
             self._room.notify_all()
 
-    def _drop_backlog(self) -> None:
+    def _drop_backlog(self, stopping: bool = False) -> None:
         with self._socket_lock:
             backlog, self._backlog, self._backlog_bytes = self._backlog, deque(), 0
             self._room.notify_all()
         for frames in backlog:
-            self._undeliverable_locally(frames)
+            self._undeliverable_locally(frames, stopping)
 
-    def _undeliverable_locally(self, frames: list) -> None:
-        """The broker connection cannot take the message: fail its request at once."""
+    def _undeliverable_locally(self, frames: list, stopping: bool = False) -> None:
+        """The broker connection cannot take the message (or the cell stops): fail its request at once."""
         if len(frames) < 3 or bytes(frames[0]) != proto.SEND:
             return
-        try:
+        try:  # one of this cell's own messages: its meta decodes
             meta = decode_meta(bytes(frames[2]))
-            target = bytes(frames[1]).decode("ascii")
-        except (proto.ProtocolError, UnicodeDecodeError):
+        except proto.ProtocolError:
             return
-        if meta.kind == KIND_REQUEST:
-            self._resolve(meta.request_id, target, error=BrokerUnreachableError(
-                f"Cell '{self.fqcn}' cannot reach the broker at {self.broker}."))
+        if meta.kind != KIND_REQUEST:
+            return
+        error = CellError(f"Cell '{self.fqcn}' stopped.") if stopping else \
+            BrokerUnreachableError(f"Cell '{self.fqcn}' cannot reach the broker at {self.broker}.")
+        with self._pending_lock:
+            pending = self._pending.pop(meta.request_id, None)
+        if pending is not None and not pending.future.done():  # None: its caller gave up already
+            pending.future.set_exception(error)
 
     def _io_loop(self) -> None:
         try:
@@ -838,6 +845,8 @@ class Cell:
             if not self._registered.is_set():
                 log.info("cell '%s' registered with broker %s", self.fqcn, self.broker)
             self._close_monitor()  # the handshake it watched succeeded: closed before start() returns
+            with self._socket_lock:
+                self._register_due = False  # a resend that could not go out yet is not needed any more
             self._registered.set()
         else:
             reason = bytes(frames[2].buffer[:1024]).decode("utf-8", "replace")
@@ -923,8 +932,11 @@ class Cell:
             return
         try:
             self._executor.submit(self._run_queued, callback, message, request_id, size)
-        except RuntimeError:  # the pool is shutting down with the cell
+        except RuntimeError:  # the pool is shutting down with the cell, or has no thread to run it
             self._release(size)
+            self.stats["busy"] += 1
+            if request_id:
+                self._reply(message, request_id, KIND_ERROR, f"'{self.fqcn}' is busy: no worker thread")
 
     def _release(self, size: int) -> None:
         with self._queued_lock:

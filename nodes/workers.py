@@ -32,26 +32,31 @@ class WorkerPool:
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue `fn(*args)`; raise RuntimeError once the pool is shut down."""
+        """Queue `fn(*args)`; raise RuntimeError once the pool is shut down, or if it has no thread to run it."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker pool is shut down")
-            self._calls.put((fn, args))
             if self._idle:
                 self._idle -= 1
+                self._calls.put((fn, args))
                 return
             if self._threads >= self._max:
                 self._unclaimed += 1  # a busy thread takes it when it is done
+                self._calls.put((fn, args))
                 return
             self._threads += 1
             number = self._threads
         try:
             threading.Thread(target=self._work, name=f"{self._name}_{number - 1}", daemon=True).start()
-        except RuntimeError as exc:  # no thread to be had now: the call waits for a running or a later thread
+        except RuntimeError as exc:  # the process has no thread to give
             with self._lock:
                 self._threads -= 1
-                self._unclaimed += 1
-            log.warning("worker pool %s could not start a thread (%s); the call waits in the queue", self._name, exc)
+                if not self._threads:  # nothing would ever run the call: refuse it
+                    raise RuntimeError(f"worker pool {self._name} cannot start a thread: {exc}") from None
+                self._unclaimed += 1  # one of the running threads takes it when it is done
+                self._calls.put((fn, args))
+            return
+        self._calls.put((fn, args))
 
     def shutdown(self) -> list[tuple[Callable[..., Any], tuple]]:
         """Drop the calls not started yet, and return them; every thread ends after its current call."""

@@ -111,3 +111,31 @@ def test_callbacks_dropped_at_stop_do_not_leave_a_restarted_cell_busy(broker_add
     finally:
         release.set()
         target.stop()
+
+
+def test_a_cell_whose_io_thread_is_stuck_refuses_to_start_again_until_it_ends(broker_address):
+    """stop() gives up on an I/O thread blocked in an inline callback; a start must not run a second one."""
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(message) -> None:
+        entered.set()
+        release.wait(30)
+
+    cell = Cell("stuck", broker_address)
+    cell.register_request_cb("test", "stuck", stuck, inline=True)
+    try:
+        with Cell("sender", broker_address) as sender:
+            cell.start()
+            sender.fire_and_forget("test", "stuck", "stuck", None)
+            assert entered.wait(10)
+            cell.stop()  # waits for the I/O thread, gives up, and logs it
+            with pytest.raises(CellError, match="previous I/O thread has not ended"):
+                cell.start()
+            release.set()
+            wait_until(lambda: not any(t.name == "cell-io-stuck" for t in threading.enumerate()), 20)
+            cell.start()
+            cell.register_request_cb("test", "echo", lambda message: message.payload)
+            assert sender.send_request("test", "echo", "stuck", "back", timeout=10) == "back"
+    finally:
+        release.set()
+        cell.stop()

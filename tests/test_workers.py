@@ -67,3 +67,34 @@ def test_a_failing_call_does_not_end_its_thread():
     pool.submit(done.set)
     assert done.wait(10)
     pool.shutdown()
+
+
+def test_a_thread_that_cannot_start_leaves_the_call_to_a_running_thread_or_refuses_it(monkeypatch):
+    pool = WorkerPool(2, "test")
+    release = threading.Event()
+    ran: list[int] = []
+    done = threading.Semaphore(0)
+
+    def call(number: int) -> None:
+        release.wait(10)
+        ran.append(number)
+        done.release()
+
+    real_start = threading.Thread.start
+
+    def no_thread(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="cannot start a thread"):
+        pool.submit(call, 0)  # no thread at all: refused, not queued where nothing would run it
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    pool.submit(call, 1)  # starts the first thread, which waits for `release`
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    pool.submit(call, 2)  # no second thread: queued for the first one
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    release.set()
+    assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    assert ran == [1, 2]
+    assert pool._threads == 1 and pool._unclaimed == 0
+    pool.shutdown()
