@@ -139,6 +139,15 @@ class PendingRequest:
     def done(self) -> bool:
         return self.future.done()
 
+    def _settle(self, result: Any = None, error: Optional[BaseException] = None) -> None:
+        """Complete the request once (the cell took it out of its pending requests first)."""
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
     def cancel(self) -> None:
         """Stop waiting for this reply."""
         self._cell._forget(self.request_id)
@@ -386,8 +395,7 @@ class Cell:
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for request in pending.values():
-            if not request.future.done():
-                request.future.set_exception(CellError(f"Cell '{self.fqcn}' stopped."))
+            request._settle(error=self._stopped())
         with self._send_lock:  # a sender may still be waking the I/O thread: never close under it
             self._out_push.close(linger=0)
         self._registered.clear()
@@ -549,9 +557,11 @@ class Cell:
         """Wait until the backlog has room for one more message; called under `_socket_lock`."""
         deadline = 0.0
         moved = -1
-        while not self._accepting or len(self._backlog) >= _OUT_HWM or self._backlog_bytes >= _BACKLOG_LIMIT:
+        while True:
             if not self._accepting:
-                raise CellError(f"Cell '{self.fqcn}' stopped.")
+                raise self._stopped()
+            if len(self._backlog) < _OUT_HWM and self._backlog_bytes < _BACKLOG_LIMIT:
+                return
             now = time.monotonic()
             if moved != self._backlog_moved:  # the connection took something: wait afresh
                 moved, deadline = self._backlog_moved, now + _SEND_WAIT
@@ -559,6 +569,9 @@ class Cell:
                 raise CellError(f"Cell '{self.fqcn}' cannot send: the connection to the broker took nothing "
                                 f"for {_SEND_WAIT:g} s.")
             self._room.wait(deadline - now)
+
+    def _stopped(self) -> CellError:
+        return CellError(f"Cell '{self.fqcn}' stopped.")
 
     def _io_needed(self) -> bool:
         """Whether the I/O thread must look at the DEALER after a send (its descriptor may not say so).
@@ -592,12 +605,7 @@ class Cell:
             self.stats["forged_replies"] += 1
             log.debug("cell '%s' ignored an answer from '%s' to no request of its own", self.fqcn, source)
             return
-        if pending.future.done():
-            return
-        if error is not None:
-            pending.future.set_exception(error)
-        else:
-            pending.future.set_result(result)
+        pending._settle(result, error)
 
     # -- I/O thread ------------------------------------------------------------------------
     def _send_or_queue(self, frames: list) -> bool:
@@ -652,12 +660,11 @@ class Cell:
             return
         if meta.kind != KIND_REQUEST:
             return
-        error = CellError(f"Cell '{self.fqcn}' stopped.") if stopping else \
-            BrokerUnreachableError(f"Cell '{self.fqcn}' cannot reach the broker at {self.broker}.")
         with self._pending_lock:
             pending = self._pending.pop(meta.request_id, None)
-        if pending is not None and not pending.future.done():  # None: its caller gave up already
-            pending.future.set_exception(error)
+        if pending is not None:  # None: its caller gave up already
+            pending._settle(error=self._stopped() if stopping else BrokerUnreachableError(
+                f"Cell '{self.fqcn}' cannot reach the broker at {self.broker}."))
 
     def _io_loop(self) -> None:
         try:
@@ -926,17 +933,18 @@ class Cell:
                 self._queued_calls += 1
                 self._queued_bytes += size
         if full or self._executor is None:
-            self.stats["busy"] += 1
-            if request_id:
-                self._reply(message, request_id, KIND_ERROR, f"'{self.fqcn}' is busy: too many requests waiting")
+            self._answer_busy(message, request_id, "too many requests waiting")
             return
         try:
             self._executor.submit(self._run_queued, callback, message, request_id, size)
         except RuntimeError:  # the pool is shutting down with the cell, or has no thread to run it
             self._release(size)
-            self.stats["busy"] += 1
-            if request_id:
-                self._reply(message, request_id, KIND_ERROR, f"'{self.fqcn}' is busy: no worker thread")
+            self._answer_busy(message, request_id, "no worker thread")
+
+    def _answer_busy(self, message: Message, request_id: int, why: str) -> None:
+        self.stats["busy"] += 1
+        if request_id:
+            self._reply(message, request_id, KIND_ERROR, f"'{self.fqcn}' is busy: {why}")
 
     def _release(self, size: int) -> None:
         with self._queued_lock:
