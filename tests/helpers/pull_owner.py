@@ -4,6 +4,10 @@ Run as `python -m tests.helpers.pull_owner BROKER NAME TIMEOUT TX_KWARGS_JSON FI
 Prints one event per line, `<kind> <json>`: `ref` per file, `ready`, then `downloaded` per
 file_downloaded_cb and `timeout` for timeout_cb ("at" is time.monotonic()). SIGUSR1 calls
 FileDownloader.shutdown(). Runs until killed.
+
+The main thread wakes twice a second: Python runs a signal handler in the main thread only,
+and a main thread blocked in an untimed wait never runs it when the kernel hands the signal to
+another thread.
 """
 
 import json
@@ -42,7 +46,8 @@ def main() -> None:
         emit("ref", ref=FileDownloader.add_file(tx, path, on_downloaded, index=index), file=path, tx=tx)
     signal.signal(signal.SIGUSR1, lambda *_: FileDownloader.shutdown())
     emit("ready")
-    threading.Event().wait()  # serve until killed
+    while True:  # serve until killed
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
