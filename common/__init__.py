@@ -3,6 +3,7 @@
 from fedstream.common.errors import (
     BrokerUnreachableError,
     CellError,
+    ConnectionFull,
     FedstreamError,
     RegistrationError,
     RemoteError,
@@ -17,6 +18,7 @@ from fedstream.common.sizes import format_size, parse_size
 __all__ = [
     "BrokerUnreachableError",
     "CellError",
+    "ConnectionFull",
     "DownloadStatus",
     "FedstreamError",
     "RegistrationError",

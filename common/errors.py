@@ -9,6 +9,10 @@ class CellError(FedstreamError):
     """A Cell could not do what was asked (not started, stopped, broker gone)."""
 
 
+class ConnectionFull(CellError):
+    """The Cell's connection to the broker has no room for another message now (a send told not to wait)."""
+
+
 class RegistrationError(CellError):
     """The broker refused to register a Cell, or did not answer in time."""
 

@@ -4,6 +4,8 @@ The threaded API stays the engine; this module only bridges it to asyncio:
 
 1. `request` awaits a `PendingRequest` (itself awaitable): the Cell's I/O thread resolves its
    future, asyncio sees it through `asyncio.wrap_future`. Cancelling the await forgets the request.
+   A request the Cell's connection has no room for yet is tried again after a pause on the loop
+   (at most `_ROOM_PAUSE_MAX`), never waited for on the event loop's thread.
 2. `download_file`, `download_object`, `stream_file` and `stream_object` run the blocking call
    in a thread of its own (one per transfer, never the event loop's thread) and resolve an
    asyncio future when it returns. Cancelling a download triggers its abort signal and waits
@@ -20,10 +22,10 @@ import logging
 import threading
 from typing import Any, Callable, List, Mapping, Optional, TypeVar
 
-from fedstream.common.errors import RequestTimeout
+from fedstream.common.errors import ConnectionFull, RequestTimeout
 from fedstream.common.rc import ReturnCode
 from fedstream.common.signal import Signal
-from fedstream.nodes.cell import Cell
+from fedstream.nodes.cell import Cell, PendingRequest
 from fedstream.nodes.context import FLContext
 from fedstream.nodes.message import Message
 from fedstream.nodes.pull import download_file as _download_file
@@ -36,6 +38,7 @@ T = TypeVar("T")
 AsyncRequestCallback = Callable[[Message], Any]  # may return a value or an awaitable of one
 
 DEFAULT_CALLBACK_TIMEOUT = 30.0
+_ROOM_PAUSE_MIN, _ROOM_PAUSE_MAX = 0.005, 0.1  # seconds between tries of a request the connection has no room for
 _CANCEL_WAIT = 10.0  # seconds a cancelled download may take to clean up before the await gives up on it
 
 
@@ -44,15 +47,42 @@ async def request(cell: Cell, channel: str, topic: str, target: str, payload: An
     """Send a request and await the whole reply Message; raise RequestTimeout after `timeout` seconds.
 
     Raises the errors of `Cell.request` (UnreachableError, RemoteError, BrokerUnreachableError).
+    While the Cell's connection to the broker has no room, the request is tried again within the
+    same `timeout`.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-    pending = cell.request_async(channel, topic, target, payload, headers)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    def send() -> PendingRequest:
+        return cell.request_async(channel, topic, target, payload, headers, block=False)
+
     try:
-        return await asyncio.wait_for(pending, timeout)  # type: ignore[arg-type]  # PendingRequest is awaitable
+        pending = send()
+    except ConnectionFull:  # the connection is backed up: the loop must not wait for it
+        pending = await _send_when_room(send, deadline, timeout, target)
+    try:
+        return await asyncio.wait_for(pending, max(0.0, deadline - loop.time()))  # type: ignore[arg-type]
     except TimeoutError:
         pending.cancel()
         raise RequestTimeout(f"no reply from '{target}' within {timeout:g} s") from None
+
+
+async def _send_when_room(send: Callable[[], PendingRequest], deadline: float, timeout: float,
+                          target: str) -> PendingRequest:
+    """Try again a request the connection had no room for, sleeping on the loop between tries until `deadline`."""
+    loop = asyncio.get_running_loop()
+    pause = _ROOM_PAUSE_MIN
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise RequestTimeout(f"the request to '{target}' could not be sent within {timeout:g} s: the "
+                                 f"connection to the broker took nothing")
+        await asyncio.sleep(min(pause, remaining))
+        try:
+            return send()
+        except ConnectionFull:
+            pause = min(2 * pause, _ROOM_PAUSE_MAX)
 
 
 async def send_request(cell: Cell, channel: str, topic: str, target: str, payload: Any = None,

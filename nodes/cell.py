@@ -64,6 +64,7 @@ from fedstream.common.address import parse_endpoint, reachable
 from fedstream.common.errors import (
     BrokerUnreachableError,
     CellError,
+    ConnectionFull,
     NoBrokerError,
     RegistrationTimeout,
     RegistrationError,
@@ -489,15 +490,20 @@ class Cell:
         return self.request_async(channel, topic, target, payload, headers).result(timeout)
 
     def request_async(self, channel: str, topic: str, target: str, payload: Any = None,
-                      headers: Optional[dict] = None) -> PendingRequest:
-        """Send a request without waiting; the returned PendingRequest gives the reply."""
+                      headers: Optional[dict] = None, *, block: bool = True) -> PendingRequest:
+        """Send a request without waiting for the reply; the returned PendingRequest gives it.
+
+        While the connection to the broker takes nothing and its backlog is full, the send waits
+        for room (CellError after 10 s without progress); with `block=False` it raises
+        ConnectionFull at once instead.
+        """
         validate_fqcn(target)
         with self._pending_lock:
             request_id = self._new_request_id()
             pending = PendingRequest(self, request_id, target)
             self._pending[request_id] = pending
         try:
-            self._send_message(target, KIND_REQUEST, channel, topic, payload, headers, request_id)
+            self._send_message(target, KIND_REQUEST, channel, topic, payload, headers, request_id, block)
         except BaseException:
             self._forget(request_id)
             raise
@@ -518,10 +524,10 @@ class Cell:
                 return request_id
 
     def _send_message(self, target: str, kind: str, channel: str, topic: str, payload: Any,
-                      headers: Optional[dict], request_id: int) -> None:
+                      headers: Optional[dict], request_id: int, block: bool = True) -> None:
         if self._thread is None:
             raise CellError(f"Cell '{self.fqcn}' is not started.")
-        self._post(self._encode(target, kind, channel, topic, payload, headers, request_id))
+        self._post(self._encode(target, kind, channel, topic, payload, headers, request_id), block)
 
     @staticmethod
     def _encode(target: str, kind: str, channel: str, topic: str, payload: Any,
@@ -537,12 +543,14 @@ class Cell:
                              f"{proto.MAX_MESSAGE_SIZE} bytes per message.")
         return [proto.SEND, target.encode(), meta, *frames]
 
-    def _post(self, frames: list) -> None:
-        """Send on the broker connection from any thread, in order behind what it could not take yet."""
+    def _post(self, frames: list, block: bool = True) -> None:
+        """Send on the broker connection from any thread, in order behind what it could not take yet.
+
+        Another thread waits for room in the backlog; with `block=False` it gets ConnectionFull instead."""
         on_io_thread = threading.current_thread() is self._io_thread
         with self._socket_lock:
             if not on_io_thread:
-                self._wait_for_room()
+                self._wait_for_room(block)
             touches_dealer = not self._backlog and not self._register_due  # else it joins the backlog or fails
             sent = self._send_or_queue(frames)
             wake = not on_io_thread and touches_dealer and self._io_asleep and self._io_needed()
@@ -553,8 +561,10 @@ class Cell:
         if wake:
             self._wake_io()
 
-    def _wait_for_room(self) -> None:
-        """Wait until the backlog has room for one more message; called under `_socket_lock`."""
+    def _wait_for_room(self, block: bool) -> None:
+        """Wait until the backlog has room for one more message (raise ConnectionFull if not `block`).
+
+        Called under `_socket_lock`."""
         deadline = 0.0
         moved = -1
         while True:
@@ -562,6 +572,9 @@ class Cell:
                 raise self._stopped()
             if len(self._backlog) < _OUT_HWM and self._backlog_bytes < _BACKLOG_LIMIT:
                 return
+            if not block:
+                raise ConnectionFull(f"Cell '{self.fqcn}' cannot send now: {len(self._backlog)} messages wait for "
+                                     f"the connection to the broker.")
             now = time.monotonic()
             if moved != self._backlog_moved:  # the connection took something: wait afresh
                 moved, deadline = self._backlog_moved, now + _SEND_WAIT

@@ -6,16 +6,18 @@ cells are real (LocalFederation on free loopback ports).
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from fedstream.common import RemoteError, RequestTimeout, ReturnCode, Signal, UnreachableError
-from fedstream.nodes import FileDownloader, FileStreamer, FLContext, LocalFederation, aio
+from fedstream.common import ConnectionFull, RemoteError, RequestTimeout, ReturnCode, Signal, UnreachableError
+from fedstream.nodes import Cell, FileDownloader, FileStreamer, FLContext, LocalFederation, aio
 from fedstream.nodes.simulate.files import make_file, sha256_of
-from tests.procs import REPO
+from tests.procs import REPO, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -254,3 +256,81 @@ def run_readme_example(name: str, tmp_path) -> str:
     ran = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=50)
     assert ran.returncode == 0, ran.stderr[-3000:]
     return ran.stdout
+
+
+class _Stalled:
+    """A cell whose broker is SIGSTOPped and whose backlog another thread filled: it has no room to send."""
+
+    def __init__(self, broker, cell) -> None:
+        self.broker, self.cell = broker, cell
+        self.stop_flooding = threading.Event()
+        self.sent = [0]
+        self.flooder = threading.Thread(target=self._flood, daemon=True)
+
+    def _flood(self) -> None:
+        while not self.stop_flooding.is_set():
+            self.cell.fire_and_forget("test", "flood", "target", b"x" * 1024)
+            self.sent[0] += 1
+
+    def __enter__(self) -> "_Stalled":
+        self.broker.signal(signal.SIGSTOP)  # the broker reads nothing: kernel buffers, then the backlog fill up
+        self.flooder.start()
+
+        def stalled() -> bool:
+            before = self.sent[0]
+            time.sleep(0.5)
+            return self.sent[0] == before
+
+        wait_until(stalled, 30)
+        self.stop_flooding.set()  # the flooder sends one more once there is room, then ends
+        return self
+
+    def resume(self) -> None:
+        self.broker.signal(signal.SIGCONT)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.resume()
+        self.flooder.join(15)
+
+
+def test_a_request_waiting_for_room_on_the_connection_does_not_block_the_loop(procs):
+    broker, address = procs.broker("--node-timeout", "600")
+    with Cell("sender", address, heartbeat_interval=60) as cell, \
+            Cell("target", address, heartbeat_interval=60) as target:
+        target.register_request_cb("test", "echo", lambda msg: {"echo": msg.payload})
+        with _Stalled(broker, cell) as stalled:
+            with pytest.raises(ConnectionFull):
+                cell.request_async("test", "echo", "target", "now", block=False)
+
+            async def main():
+                ticks = [0]
+                ticker = asyncio.create_task(_ticker(ticks))
+                request = asyncio.create_task(aio.request(cell, "test", "echo", "target", "hi", timeout=60))
+                await asyncio.sleep(1.0)
+                # The loop ran meanwhile, and the request still waits for room: on the loop's thread it
+                # would have held the loop until the Cell gave up on the connection, 10 s later.
+                assert ticks[0] > 10 and not request.done()
+                stalled.resume()
+                reply = await asyncio.wait_for(request, 30)
+                ticker.cancel()
+                return reply.payload
+
+            assert asyncio.run(main()) == {"echo": "hi"}
+
+
+def test_a_request_that_finds_no_room_in_time_times_out_and_the_cell_recovers(procs):
+    broker, address = procs.broker("--node-timeout", "600")
+    with Cell("sender", address, heartbeat_interval=60) as cell, \
+            Cell("target", address, heartbeat_interval=60) as target:
+        target.register_request_cb("test", "echo", lambda msg: {"echo": msg.payload})
+        with _Stalled(broker, cell):
+            async def stalled_request():
+                return await aio.request(cell, "test", "echo", "target", "late", timeout=1)
+
+            with pytest.raises(RequestTimeout, match="could not be sent within 1 s"):
+                asyncio.run(stalled_request())
+
+        async def later_request():
+            return (await aio.request(cell, "test", "echo", "target", "again", timeout=30)).payload
+
+        assert asyncio.run(later_request()) == {"echo": "again"}
