@@ -46,9 +46,9 @@ async def request(cell: Cell, channel: str, topic: str, target: str, payload: An
                   timeout: float = 10.0, headers: Optional[dict] = None) -> Message:
     """Send a request and await the whole reply Message; raise RequestTimeout after `timeout` seconds.
 
-    Raises the errors of `Cell.request` (UnreachableError, RemoteError, BrokerUnreachableError).
-    While the Cell's connection to the broker has no room, the request is tried again within the
-    same `timeout`.
+    Raises the errors of `Cell.request` (UnreachableError, RemoteError, BrokerUnreachableError,
+    CellError once the cell stops). While the Cell's connection to the broker has no room, the
+    request is tried again within the same `timeout`.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
@@ -74,11 +74,10 @@ async def _send_when_room(send: Callable[[], PendingRequest], deadline: float, t
     loop = asyncio.get_running_loop()
     pause = _ROOM_PAUSE_MIN
     while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        await asyncio.sleep(max(0.0, min(pause, deadline - loop.time())))
+        if loop.time() >= deadline:  # a request sent now would only be dropped unanswered
             raise RequestTimeout(f"the request to '{target}' could not be sent within {timeout:g} s: the "
                                  f"connection to the broker took nothing")
-        await asyncio.sleep(min(pause, remaining))
         try:
             return send()
         except ConnectionFull:

@@ -801,14 +801,20 @@ class Cell:
                 return  # anything else (a message for this leaving cell) is dropped
 
     def _flush_before_bye(self, timeout: float) -> None:
-        """Send what waits for the connection (bounded), so nothing already sent is lost by stopping."""
+        """Send what waits for the connection (bounded), so nothing already sent is lost by stopping.
+
+        It sleeps on the DEALER's descriptor without the lock: senders told not to wait (`block=False`)
+        must not wait for the lock either."""
         deadline = time.monotonic() + timeout
+        with self._socket_lock:
+            dealer_fd = self._dealer.get(zmq.FD)
         while time.monotonic() < deadline:
             with self._socket_lock:
+                if self._backlog and events(self._dealer) & POLLOUT:
+                    self._flush_backlog()
                 if not self._backlog:
                     return
-                if self._dealer.poll(50, zmq.POLLOUT):
-                    self._flush_backlog()
+            zmq_poll([(dealer_fd, POLLIN)], 50)  # the descriptor signals a change; a sender may take the signal
 
     def _register_with_broker(self) -> None:
         """Send REGISTER now; if no connection can take it yet, send it once one can (see _serve).

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from fedstream.common import ConnectionFull, RemoteError, RequestTimeout, ReturnCode, Signal, UnreachableError
+from fedstream.common import (CellError, ConnectionFull, RemoteError, RequestTimeout, ReturnCode, Signal,
+                              UnreachableError)
 from fedstream.nodes import Cell, FileDownloader, FileStreamer, FLContext, LocalFederation, aio
 from fedstream.nodes.simulate.files import make_file, sha256_of
 from tests.procs import REPO, wait_until
@@ -259,7 +260,11 @@ def run_readme_example(name: str, tmp_path) -> str:
 
 
 class _Stalled:
-    """A cell whose broker is SIGSTOPped and whose backlog another thread filled: it has no room to send."""
+    """A cell whose broker is SIGSTOPped and whose backlog another thread filled: it has no room to send.
+
+    The flood goes to a cell of its own ("sink"): queued at the broker for the request's target, it
+    would fill that target's queue there and have the request refused once the broker resumes.
+    """
 
     def __init__(self, broker, cell) -> None:
         self.broker, self.cell = broker, cell
@@ -268,9 +273,12 @@ class _Stalled:
         self.flooder = threading.Thread(target=self._flood, daemon=True)
 
     def _flood(self) -> None:
-        while not self.stop_flooding.is_set():
-            self.cell.fire_and_forget("test", "flood", "target", b"x" * 1024)
-            self.sent[0] += 1
+        try:
+            while not self.stop_flooding.is_set():
+                self.cell.fire_and_forget("test", "flood", "sink", b"x" * 1024)
+                self.sent[0] += 1
+        except CellError:  # the cell stopped, or the stall outlasted the Cell's wait for room
+            pass
 
     def __enter__(self) -> "_Stalled":
         self.broker.signal(signal.SIGSTOP)  # the broker reads nothing: kernel buffers, then the backlog fill up
@@ -281,7 +289,12 @@ class _Stalled:
             time.sleep(0.5)
             return self.sent[0] == before
 
-        wait_until(stalled, 30)
+        try:
+            wait_until(stalled, 30)
+        except BaseException:
+            self.stop_flooding.set()
+            self.__exit__()
+            raise
         self.stop_flooding.set()  # the flooder sends one more once there is room, then ends
         return self
 
@@ -295,7 +308,7 @@ class _Stalled:
 
 def test_a_request_waiting_for_room_on_the_connection_does_not_block_the_loop(procs):
     broker, address = procs.broker("--node-timeout", "600")
-    with Cell("sender", address, heartbeat_interval=60) as cell, \
+    with Cell("sender", address, heartbeat_interval=60) as cell, Cell("sink", address, heartbeat_interval=60), \
             Cell("target", address, heartbeat_interval=60) as target:
         target.register_request_cb("test", "echo", lambda msg: {"echo": msg.payload})
         with _Stalled(broker, cell) as stalled:
@@ -320,7 +333,7 @@ def test_a_request_waiting_for_room_on_the_connection_does_not_block_the_loop(pr
 
 def test_a_request_that_finds_no_room_in_time_times_out_and_the_cell_recovers(procs):
     broker, address = procs.broker("--node-timeout", "600")
-    with Cell("sender", address, heartbeat_interval=60) as cell, \
+    with Cell("sender", address, heartbeat_interval=60) as cell, Cell("sink", address, heartbeat_interval=60), \
             Cell("target", address, heartbeat_interval=60) as target:
         target.register_request_cb("test", "echo", lambda msg: {"echo": msg.payload})
         with _Stalled(broker, cell):
