@@ -106,6 +106,7 @@ _ZMTP_HEARTBEAT_IVL = 10_000  # ms
 _ZMTP_HEARTBEAT_TIMEOUT = 10_000  # ms without traffic after a ping before the connection is dropped
 _BACKLOG_TICK = 0.2  # seconds between looks at the connection while it is full (a safety net for its signal)
 _BACKLOG_LIMIT = 64 << 20  # bytes waiting for the broker connection before requests are left unread
+_CALLBACK_GRACE = 2.0  # seconds stop() lets callbacks already running finish, so that their replies go out
 _SEND_WAIT = 10.0  # seconds a sending thread waits for room in the backlog before giving up
 _STOP_DRAIN = 1.0  # seconds stop() spends sending what the backlog holds
 _BYE_WAIT = 0.5  # seconds stop() waits for the broker to confirm its BYE
@@ -311,7 +312,10 @@ class Cell:
         return sock
 
     def stop(self) -> None:
-        """Leave the broker, fail pending requests, and release the sockets."""
+        """Leave the broker, fail pending requests, and release the sockets.
+
+        Callbacks already running in the pool get up to 2 s to return first, so their replies go out.
+        """
         if threading.current_thread() is self._thread:  # called from a handler on the I/O thread
             threading.Thread(target=self.stop, name=f"cell-stop-{self.fqcn}", daemon=True).start()
             return
@@ -376,6 +380,9 @@ class Cell:
 
     def _shutdown(self) -> None:
         assert self._thread is not None
+        if self._executor is not None and not self._executor.wait_for_running(_CALLBACK_GRACE):
+            log.warning("cell '%s' stops with callbacks still running after %g s: their replies are not sent",
+                        self.fqcn, _CALLBACK_GRACE)
         for hook in list(self._stop_hooks):
             try:
                 hook()

@@ -11,6 +11,7 @@ Threads are daemons: a process that ends without stopping its Cells does not wai
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ class WorkerPool:
         self._idle = 0  # threads waiting for a call, none of them claimed by a queued call yet
         self._unclaimed = 0  # queued calls that no waiting thread was counted for: busy threads take them
         self._closed = False
+        self._started = 0  # calls taken by a thread so far
+        self._running: dict[int, int] = {}  # thread ident -> number of the call it runs
+        self._returned = threading.Condition(self._lock)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(*args)`; raise RuntimeError once the pool is shut down, or if it has no thread to run it."""
@@ -77,12 +81,31 @@ class WorkerPool:
             self._calls.put(None)
         return dropped
 
+    def wait_for_running(self, timeout: float) -> bool:
+        """Wait until the calls other threads run now have returned (not calls they take later).
+
+        False if some still run after `timeout` seconds."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            now_running = {ident: number for ident, number in self._running.items() if ident != me}
+            while any(self._running.get(ident) == number for ident, number in now_running.items()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._returned.wait(remaining)
+        return True
+
     def _work(self) -> None:
         calls = self._calls
+        me = threading.get_ident()
         while True:
             call = calls.get()
             if call is None:
                 return
+            with self._lock:
+                self._started += 1
+                self._running[me] = self._started
             fn, args = call
             try:
                 fn(*args)
@@ -90,6 +113,8 @@ class WorkerPool:
                 log.exception("a call in worker pool %s failed", self._name)
             del call, fn, args  # release what the call held before waiting for the next one
             with self._lock:
+                del self._running[me]
+                self._returned.notify_all()
                 if self._unclaimed:
                     self._unclaimed -= 1  # this thread takes a queued call at once
                 else:

@@ -139,3 +139,23 @@ def test_a_cell_whose_io_thread_is_stuck_refuses_to_start_again_until_it_ends(br
     finally:
         release.set()
         cell.stop()
+
+
+def test_a_reply_made_while_the_cell_stops_still_goes_out(broker_address):
+    """stop() lets a callback already running return, so its requester gets the answer, not a timeout."""
+    target = Cell("target", broker_address)
+    stop_called = threading.Event()
+
+    def answer(message):  # the cell is told to stop while this callback still works on its answer
+        threading.Thread(target=lambda: (stop_called.set(), target.stop()), daemon=True).start()
+        stop_called.wait(10)
+        time.sleep(0.3)
+        return "answered"
+
+    target.register_request_cb("test", "slow", answer)
+    target.start()
+    try:
+        with Cell("asker", broker_address) as asker:
+            assert asker.send_request("test", "slow", "target", None, 10) == "answered"
+    finally:
+        target.stop()

@@ -3,12 +3,13 @@
 import hashlib
 import os
 import shutil
+import threading
 
 import pytest
 
 from fedstream.common.digest import new_hasher
 from fedstream.common.rc import ReturnCode
-from fedstream.nodes import Cell
+from fedstream.nodes import Cell, FileStreamer, FLContext
 from fedstream.nodes.message import reply_error
 from fedstream.nodes.push import wire
 from fedstream.nodes.push.sender import send_file
@@ -233,3 +234,33 @@ def test_an_owner_that_leaves_before_commit_leaves_no_file(procs, broker_address
     report = next_done(receiver, 15)  # the broker says the owner is gone, or it stays silent
     assert report["rc"] in ("COMMUNICATION_ERROR", "TIMEOUT", "TASK_ABORTED") and report["path"] is None
     assert listing(dest) == []
+
+
+def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push(broker_address, tmp_path):
+    """A single target commits inside its start handler, so stream_done_cb can run before that handler's reply
+    went out. A receiver that stops when its last file arrived must still let that reply go: stop() lets the
+    callbacks already running return first."""
+    src = str(tmp_path / "last.bin")
+    sha = make_file(src, 10 * KIB)
+    with Cell("server", broker_address) as cell:
+        for attempt in range(3):  # the race is narrow: stream_done_cb has to overtake the start handler's return
+            dest = tmp_path / f"dest{attempt}"
+            dest.mkdir()
+            receiver = Cell("site-1", broker_address).start()
+            received: list = []
+            stopped = threading.Event()
+
+            def done(stream_ctx, fl_ctx, receiver=receiver, received=received, stopped=stopped):
+                received.append(FileStreamer.get_file_location(stream_ctx))
+                receiver.stop()  # the last file is here: this site is done
+                stopped.set()
+
+            FileStreamer.register_stream_processing(FLContext(receiver), CHANNEL, TOPIC, dest_dir=str(dest),
+                                                    stream_done_cb=done)
+            try:
+                result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
+                assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
+                assert stopped.wait(10)
+                assert hashlib.sha256(open(received[0], "rb").read()).hexdigest() == sha
+            finally:
+                receiver.stop()

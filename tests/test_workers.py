@@ -98,3 +98,25 @@ def test_a_thread_that_cannot_start_leaves_the_call_to_a_running_thread_or_refus
     assert ran == [1, 2]
     assert pool._threads == 1 and pool._unclaimed == 0
     pool.shutdown()
+
+
+def test_wait_for_running_waits_for_the_calls_running_but_never_for_its_own():
+    pool = WorkerPool(2, "test-wait")
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+    try:
+        pool.submit(lambda: (started.set(), release.wait(10), done.set()))
+        assert started.wait(5)
+        assert pool.wait_for_running(0.05) is False  # the call still runs
+        waited: list = []
+        waiter = threading.Thread(target=lambda: waited.append(pool.wait_for_running(10)))
+        waiter.start()
+        release.set()
+        waiter.join(10)
+        assert waited == [True] and done.is_set()
+        inside = threading.Event()
+        answer: list = []
+        pool.submit(lambda: (answer.append(pool.wait_for_running(0.5)), inside.set()))
+        assert inside.wait(5) and answer == [True]  # a call never waits for itself
+    finally:
+        release.set()
+        pool.shutdown()
