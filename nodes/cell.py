@@ -121,6 +121,15 @@ _HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAK
                        | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
+def _on_event_loop() -> bool:
+    """Whether the calling thread runs an asyncio event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class PendingRequest:
     """A request in flight: `result(timeout)` returns the reply Message or raises."""
 
@@ -314,7 +323,8 @@ class Cell:
     def stop(self) -> None:
         """Leave the broker, fail pending requests, and release the sockets.
 
-        Callbacks already running in the pool get up to 2 s to return first, so their replies go out.
+        Callbacks already running in the pool get up to 2 s to return first, so their replies go
+        out (not when stop() is called on an asyncio loop's thread, or by the callback itself).
         """
         if threading.current_thread() is self._thread:  # called from a handler on the I/O thread
             threading.Thread(target=self.stop, name=f"cell-stop-{self.fqcn}", daemon=True).start()
@@ -380,14 +390,12 @@ class Cell:
 
     def _shutdown(self) -> None:
         assert self._thread is not None
-        if self._executor is not None and not self._executor.wait_for_running(_CALLBACK_GRACE):
-            log.warning("cell '%s' stops with callbacks still running after %g s: their replies are not sent",
-                        self.fqcn, _CALLBACK_GRACE)
         for hook in list(self._stop_hooks):
             try:
                 hook()
             except Exception:  # a hook must not prevent the cell from stopping
                 log.exception("stop hook of cell '%s' failed", self.fqcn)
+        self._let_running_callbacks_answer()
         self._stop.set()
         self._wake_io()
         self._thread.join(_JOIN_TIMEOUT)
@@ -413,6 +421,17 @@ class Cell:
         self._fanout = ("", "")
         if self._own_context and io_ended:
             self.context.term()
+
+    def _let_running_callbacks_answer(self) -> None:
+        """Wait (bounded) for the pool's running callbacks, whose replies can still go out now.
+
+        Not on a thread running an asyncio loop: the loop must not block, and a callback of
+        `fedstream.nodes.aio` waits for that very loop."""
+        if self._executor is None or _on_event_loop():
+            return
+        if not self._executor.wait_for_running(_CALLBACK_GRACE):
+            log.warning("cell '%s' stops with callbacks still running after %g s: what they answer is not sent",
+                        self.fqcn, _CALLBACK_GRACE)
 
     def __enter__(self) -> "Cell":
         return self.start()

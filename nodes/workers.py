@@ -34,6 +34,7 @@ class WorkerPool:
         self._started = 0  # calls taken by a thread so far
         self._running: dict[int, int] = {}  # thread ident -> number of the call it runs
         self._returned = threading.Condition(self._lock)
+        self._waiters = 0  # threads in wait_for_running: only then does a returning call notify
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue `fn(*args)`; raise RuntimeError once the pool is shut down, or if it has no thread to run it."""
@@ -89,11 +90,15 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         with self._lock:
             now_running = {ident: number for ident, number in self._running.items() if ident != me}
-            while any(self._running.get(ident) == number for ident, number in now_running.items()):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._returned.wait(remaining)
+            self._waiters += 1
+            try:
+                while any(self._running.get(ident) == number for ident, number in now_running.items()):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._returned.wait(remaining)
+            finally:
+                self._waiters -= 1
         return True
 
     def _work(self) -> None:
@@ -114,7 +119,8 @@ class WorkerPool:
             del call, fn, args  # release what the call held before waiting for the next one
             with self._lock:
                 del self._running[me]
-                self._returned.notify_all()
+                if self._waiters:
+                    self._returned.notify_all()
                 if self._unclaimed:
                     self._unclaimed -= 1  # this thread takes a queued call at once
                 else:

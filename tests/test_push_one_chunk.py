@@ -4,6 +4,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -242,25 +243,32 @@ def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push
     callbacks already running return first."""
     src = str(tmp_path / "last.bin")
     sha = make_file(src, 10 * KIB)
-    with Cell("server", broker_address) as cell:
-        for attempt in range(3):  # the race is narrow: stream_done_cb has to overtake the start handler's return
-            dest = tmp_path / f"dest{attempt}"
-            dest.mkdir()
-            receiver = Cell("site-1", broker_address).start()
-            received: list = []
-            stopped = threading.Event()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    receiver = Cell("site-1", broker_address).start()
+    received: list = []
+    stopped = threading.Event()
 
-            def done(stream_ctx, fl_ctx, receiver=receiver, received=received, stopped=stopped):
-                received.append(FileStreamer.get_file_location(stream_ctx))
-                receiver.stop()  # the last file is here: this site is done
-                stopped.set()
+    def done(stream_ctx, fl_ctx):
+        received.append(FileStreamer.get_file_location(stream_ctx))
+        receiver.stop()  # the last file is here: this site is done
+        stopped.set()
 
-            FileStreamer.register_stream_processing(FLContext(receiver), CHANNEL, TOPIC, dest_dir=str(dest),
-                                                    stream_done_cb=done)
-            try:
-                result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
-                assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
-                assert stopped.wait(10)
-                assert hashlib.sha256(open(received[0], "rb").read()).hexdigest() == sha
-            finally:
-                receiver.stop()
+    FileStreamer.register_stream_processing(FLContext(receiver), CHANNEL, TOPIC, dest_dir=str(dest),
+                                            stream_done_cb=done)
+    start_handler, inline = receiver._handlers[(CHANNEL, TOPIC)]
+
+    def slow_to_return(message):  # widens the race: stream_done_cb always overtakes the reply
+        reply = start_handler(message)
+        time.sleep(0.5)
+        return reply
+
+    receiver.register_request_cb(CHANNEL, TOPIC, slow_to_return, inline=inline)
+    try:
+        with Cell("server", broker_address) as cell:
+            result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
+        assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
+        assert stopped.wait(10)
+        assert hashlib.sha256(open(received[0], "rb").read()).hexdigest() == sha
+    finally:
+        receiver.stop()
