@@ -54,6 +54,7 @@ async def request(cell: Cell, channel: str, topic: str, target: str, payload: An
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+
     def send() -> PendingRequest:
         return cell.request_async(channel, topic, target, payload, headers, block=False)
 

@@ -269,6 +269,7 @@ def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push
             result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
         assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
         assert stopped.wait(10)
-        assert hashlib.sha256(open(received[0], "rb").read()).hexdigest() == sha
+        with open(received[0], "rb") as kept:
+            assert hashlib.sha256(kept.read()).hexdigest() == sha
     finally:
         receiver.stop()
