@@ -768,7 +768,7 @@ class Cell:
                         self._register_with_broker()
                 last_beat = now
         if self._registered.is_set():
-            self._flush_before_bye(_STOP_DRAIN)
+            self._flush_before_bye(dealer_fd, _STOP_DRAIN)
             self._say_bye()
 
     def _tend_dealer(self, sleep: bool) -> bool:
@@ -826,14 +826,12 @@ class Cell:
             if cmd == proto.NOT_REGISTERED or time.monotonic() >= deadline:
                 return  # anything else (a message for this leaving cell) is dropped
 
-    def _flush_before_bye(self, timeout: float) -> None:
+    def _flush_before_bye(self, dealer_fd: int, timeout: float) -> None:
         """Send what waits for the connection (bounded), so nothing already sent is lost by stopping.
 
         It sleeps on the DEALER's descriptor without the lock: senders told not to wait (`block=False`)
         must not wait for the lock either."""
         deadline = time.monotonic() + timeout
-        with self._socket_lock:
-            dealer_fd = self._dealer.get(zmq.FD)
         while time.monotonic() < deadline:
             with self._socket_lock:
                 if self._backlog and events(self._dealer) & POLLOUT:
