@@ -741,6 +741,7 @@ class Run:
         self.rate = 0.0  # ... per second
         self.ms = 0.0  # ... milliseconds each
         self.verified = False
+        self.cores: Optional[tuple[float, float]] = None  # cores busy during the transfer, kernel's share of it
         self.notes: list[str] = []
 
     def progress(self) -> str:
@@ -774,9 +775,48 @@ class Run:
         return max((c.result.get("rss") or 0) for c in self.children if not c.label.startswith("proxy"))
 
 
+class CpuMeter:
+    """How busy the machine's cores were between two times, from /proc/stat sampled in a thread."""
+
+    PERIOD = 0.05  # seconds between two samples (the kernel counts in 10 ms ticks)
+
+    def __init__(self) -> None:
+        # (time.time(), busy, kernel, total) in clock ticks summed over all cores; about 3 hours' worth
+        self.samples: "deque[tuple[float, int, int, int]]" = deque(maxlen=200_000)
+        threading.Thread(target=self._sample_forever, daemon=True).start()
+
+    @staticmethod
+    def read() -> Optional[tuple[int, int, int]]:
+        """Ticks all cores spent busy, of which in the kernel, and in all, since boot (None off Linux)."""
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = fields
+        kernel = system + irq + softirq
+        busy = user + nice + kernel + steal
+        return busy, kernel, busy + idle + iowait
+
+    def _sample_forever(self) -> None:
+        while (ticks := self.read()) is not None:
+            self.samples.append((time.time(), *ticks))
+            time.sleep(self.PERIOD)
+
+    def busy_between(self, start: float, end: float) -> Optional[tuple[float, float]]:
+        """Cores busy on average between `start` and `end` (time.time()) and the kernel's share of that."""
+        inside = [sample for sample in list(self.samples) if start <= sample[0] <= end]
+        if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+            return None
+        busy = inside[-1][1] - inside[0][1]
+        kernel = inside[-1][2] - inside[0][2]
+        return (os.cpu_count() or 1) * busy / (inside[-1][3] - inside[0][3]), kernel / busy if busy else 0.0
+
+
 class Bench:
     def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path, small: bool = False,
                  files: int = 1000, push_files: int = 200, round_trips: int = 2000) -> None:
+        self.cpu = CpuMeter()
         self.size = size
         self.recipients = recipients
         self.chunk_size = chunk_size
@@ -866,6 +906,7 @@ class Bench:
     def finish(self, run: Run, start: float, end: float) -> None:
         run.seconds = max(end - start, 1e-9)
         run.mbps = self.size * run.recipients / run.seconds / MB
+        run.cores = self.cpu.busy_between(start, end)
         self.runs[run.name] = run
 
     def finish_items(self, run: Run, start: float, end: float, items: int) -> None:
@@ -874,6 +915,7 @@ class Bench:
         run.items = items
         run.rate = items / run.seconds
         run.ms = 1000 * run.seconds / max(items, 1)
+        run.cores = self.cpu.busy_between(start, end)
         self.runs[run.name] = run
 
     def verify_files(self, run: Run, dest: Path, kind: str) -> None:
@@ -1170,6 +1212,14 @@ def merged_summary(series: list[Run]) -> str:
     return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/{statistics.median(cpu[label]):.1f}" for label in rss)
 
 
+def cores_busy(series: list[Run]) -> str:
+    """Cores busy during the runs (median over the rounds) and, in brackets, the kernel's share of that."""
+    measured = [run.cores for run in series if run.cores]
+    if not measured:
+        return "n/a"
+    return f"{statistics.median(c for c, _ in measured):.2f} ({statistics.median(k for _, k in measured):.0%})"
+
+
 def merged_notes(bench: Bench, name: str) -> list[str]:
     """The notes of run `name` over the rounds, each once, with the rounds it came from unless it came from all."""
     where: dict[str, list[int]] = {}
@@ -1191,7 +1241,8 @@ def print_runs(bench: Bench) -> None:
     each = f"{'ms each':>9}" if bench.small else ""
     processes = ("per process: peak RSS MiB / CPU seconds" if rounds == 1
                  else "per process: peak RSS MiB (largest) / CPU seconds (median)")
-    header = f"{'run':<{name_width}}{figure:>{figure_width}}{each}{'seconds':>9}  {'verified':<9}{processes}"
+    header = (f"{'run':<{name_width}}{figure:>{figure_width}}{each}{'seconds':>9}  {'verified':<9}"
+              f"{'cores busy':<14}{processes}")
     print(header)
     print("-" * len(header))
     for name in run_names(bench):
@@ -1203,7 +1254,8 @@ def print_runs(bench: Bench) -> None:
         else:
             verified, summary = f"{sum(run.verified for run in series)}/{rounds}", merged_summary(series)
         print(f"{name:<{name_width}}{spread(values):>{figure_width}}{each}"
-              f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{summary}")
+              f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{cores_busy(series):<14}"
+              f"{summary}")
         for note in merged_notes(bench, name):
             print(f"{'':<{name_width}}  {note}")
 
@@ -1283,6 +1335,11 @@ def print_report(bench: Bench) -> bool:
         checks += [("pull 1 secure (CURVE) vs pull 1 plaintext (throughput)", "pull 1 secure", "pull 1", "mbps"),
                    (f"push {n} secure (CURVE) vs push {n} plaintext (aggregate throughput)", f"push {n} secure",
                     f"push {n}", "mbps")]
+    print(textwrap.fill(
+        f"cores busy: how many of the machine's {os.cpu_count()} cores were busy on average while the run moved its "
+        "data (all processes, the bench's own included; in brackets the kernel's share of that time, from /proc/stat). "
+        f"A run at about {os.cpu_count()} was bound by the CPU.", 100))
+    print()
     width = 8 if rounds == 1 else 20
     if rounds > 1 and checks:
         print(f"{'ratio':<70}{'median [min-max]':>{width}}")
@@ -1338,6 +1395,8 @@ def main() -> int:
         parser.error("--rtt runs its own plan; it does not combine with --small or --secure")
 
     size = parse_size("64M") if args.quick else parse_size(args.size)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fedstream-bench-", dir=args.workdir))
     try:
         bench = Bench(size, args.recipients, args.chunk_size, workdir, small=args.small, files=args.files,
