@@ -11,6 +11,9 @@ fedstream (same source file, same destination file system):
 fedstream runs: pull by 1 and N recipients, push to 1 and N recipients, through a
 `fedstream broker` process. Printed: MB/s, ratios to the matching baseline, peak RSS of
 every process, and what the push owner sent over the network relative to the file size.
+Per run also: how many of the machine's cores were busy while it moved its data (and the
+kernel's share), and the CPU each process used meanwhile, from /proc sampled every 50 ms: a
+run that kept every core busy was bound by the CPU, and its processes' CPU tells where it went.
 
 --repeat K runs the whole plan K times, the cases interleaved (round 1: every case, round 2:
 every case, ...), and prints each run's median and min-max over the rounds, and each ratio's
@@ -75,7 +78,7 @@ import zmq  # noqa: E402
 
 from fedstream.common.digest import file_digest  # noqa: E402
 from fedstream.common.sizes import format_size, parse_size  # noqa: E402
-from fedstream.nodes.simulate.procstats import cpu_seconds, io_counters, peak_rss  # noqa: E402
+from fedstream.nodes.simulate.procstats import io_counters, peak_rss  # noqa: E402
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
@@ -97,7 +100,7 @@ def kit_of(args, name: str) -> Optional[str]:
 
 def report(**fields) -> None:
     """Print the result line a coordinator reads, with this process's peak RSS and I/O."""
-    fields.update(rss=peak_rss(), cpu=cpu_seconds(), io=io_counters())
+    fields.update(rss=peak_rss(), io=io_counters())
     print("RESULT " + json.dumps(fields), flush=True)
 
 
@@ -707,7 +710,7 @@ class Child:
 
     def stop(self) -> dict:
         """Read a long-running process's peak RSS, terminate it, and keep what it reported on its way out."""
-        rss, cpu = peak_rss(self.proc.pid), cpu_seconds(self.proc.pid)
+        rss = peak_rss(self.proc.pid)
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -718,7 +721,7 @@ class Child:
             reported = json.loads(self.line("RESULT ", 2))
         except (RuntimeError, ValueError):
             reported = {}
-        self.result = {**reported, "rss": rss, "cpu": cpu}
+        self.result = {**reported, "rss": rss}
         return self.result
 
     def kill(self) -> None:
@@ -742,6 +745,7 @@ class Run:
         self.ms = 0.0  # ... milliseconds each
         self.verified = False
         self.cores: Optional[tuple[float, float]] = None  # cores busy during the transfer, kernel's share of it
+        self.cpu_during: dict[str, float] = {}  # process label -> CPU seconds it used during the transfer
         self.notes: list[str] = []
 
     def progress(self) -> str:
@@ -765,28 +769,26 @@ class Run:
         for child in self.children:
             child.kill()
 
-    def rss_summary(self) -> str:
-        parts = [f"{c.label} {c.result['rss'] / 2**20:.0f}/{c.result.get('cpu') or 0:.1f}"
-                 for c in self.children if c.result.get("rss")]
-        return ", ".join(parts)
-
     def max_rss(self) -> int:
         """The largest peak RSS of the run's processes, the bench's delay proxies left out."""
         return max((c.result.get("rss") or 0) for c in self.children if not c.label.startswith("proxy"))
 
 
 class CpuMeter:
-    """How busy the machine's cores were between two times, from /proc/stat sampled in a thread."""
+    """CPU use during a run, from /proc sampled in a thread: the machine's cores and each child process."""
 
     PERIOD = 0.05  # seconds between two samples (the kernel counts in 10 ms ticks)
+    KEPT = 200_000  # samples kept per series: about 3 hours' worth
 
     def __init__(self) -> None:
-        # (time.time(), busy, kernel, total) in clock ticks summed over all cores; about 3 hours' worth
-        self.samples: "deque[tuple[float, int, int, int]]" = deque(maxlen=200_000)
+        self._ticks = os.sysconf("SC_CLK_TCK")
+        # (time.time(), busy, kernel, total) in clock ticks summed over all cores
+        self.machine: "deque[tuple[float, int, int, int]]" = deque(maxlen=self.KEPT)
+        self.processes: dict[int, "deque[tuple[float, int]]"] = {}  # pid -> (time.time(), user + system ticks)
         threading.Thread(target=self._sample_forever, daemon=True).start()
 
     @staticmethod
-    def read() -> Optional[tuple[int, int, int]]:
+    def machine_ticks() -> Optional[tuple[int, int, int]]:
         """Ticks all cores spent busy, of which in the kernel, and in all, since boot (None off Linux)."""
         try:
             with open("/proc/stat") as stat:
@@ -798,19 +800,69 @@ class CpuMeter:
         busy = user + nice + kernel + steal
         return busy, kernel, busy + idle + iowait
 
+    @staticmethod
+    def children() -> list[int]:
+        """This process's child processes (the bench's roles)."""
+        pids: list[int] = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children") as children:
+                    pids.extend(int(pid) for pid in children.read().split())
+            except OSError:
+                continue
+        return pids
+
+    @staticmethod
+    def process_ticks(pid: int) -> Optional[int]:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def _sample_forever(self) -> None:
-        while (ticks := self.read()) is not None:
-            self.samples.append((time.time(), *ticks))
+        while (ticks := self.machine_ticks()) is not None:
+            now = time.time()
+            self.machine.append((now, *ticks))
+            for pid in self.children():
+                if (used := self.process_ticks(pid)) is not None:
+                    self.processes.setdefault(pid, deque(maxlen=self.KEPT)).append((now, used))
             time.sleep(self.PERIOD)
+
+    @staticmethod
+    def _inside(samples: deque, start: float, end: float) -> list:
+        inside = [sample for sample in list(samples) if start <= sample[0] <= end]
+        return inside if len(inside) >= 2 and inside[-1][0] > inside[0][0] else []
 
     def busy_between(self, start: float, end: float) -> Optional[tuple[float, float]]:
         """Cores busy on average between `start` and `end` (time.time()) and the kernel's share of that."""
-        inside = [sample for sample in list(self.samples) if start <= sample[0] <= end]
-        if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+        inside = self._inside(self.machine, start, end)
+        if not inside or inside[-1][3] <= inside[0][3]:
             return None
         busy = inside[-1][1] - inside[0][1]
         kernel = inside[-1][2] - inside[0][2]
         return (os.cpu_count() or 1) * busy / (inside[-1][3] - inside[0][3]), kernel / busy if busy else 0.0
+
+    def process_seconds(self, pid: int, start: float, end: float) -> Optional[float]:
+        """CPU seconds process `pid` used between `start` and `end` (the edges between samples at its rate)."""
+        samples = self.processes.get(pid, deque())
+        inside = self._inside(samples, start, end)
+        if not inside:
+            return None
+        used = (inside[-1][1] - inside[0][1]) / self._ticks
+        rate = used / (inside[-1][0] - inside[0][0])
+        lived_past_end = samples[-1][0] > end
+        missing = (inside[0][0] - start) + ((end - inside[-1][0]) if lived_past_end else 0.0)
+        return used + rate * missing
+
+    def record(self, run: Run, start: float, end: float) -> None:
+        """Store on `run` how busy the cores were and what CPU each of its processes used from `start` to `end`."""
+        run.cores = self.busy_between(start, end)
+        for child in run.children:
+            used = self.process_seconds(child.proc.pid, start, end)
+            if used is not None:
+                run.cpu_during[child.label] = used
 
 
 class Bench:
@@ -906,7 +958,7 @@ class Bench:
     def finish(self, run: Run, start: float, end: float) -> None:
         run.seconds = max(end - start, 1e-9)
         run.mbps = self.size * run.recipients / run.seconds / MB
-        run.cores = self.cpu.busy_between(start, end)
+        self.cpu.record(run, start, end)
         self.runs[run.name] = run
 
     def finish_items(self, run: Run, start: float, end: float, items: int) -> None:
@@ -915,7 +967,7 @@ class Bench:
         run.items = items
         run.rate = items / run.seconds
         run.ms = 1000 * run.seconds / max(items, 1)
-        run.cores = self.cpu.busy_between(start, end)
+        self.cpu.record(run, start, end)
         self.runs[run.name] = run
 
     def verify_files(self, run: Run, dest: Path, kind: str) -> None:
@@ -1201,15 +1253,20 @@ def run_names(bench: Bench) -> list[str]:
 
 
 def merged_summary(series: list[Run]) -> str:
-    """Per process over the rounds: the largest peak RSS (MiB) / the median CPU seconds."""
+    """Per process over the rounds: the largest peak RSS (MiB) / the median CPU it used during the transfer
+    (seconds; in --small runs microseconds per file or round trip)."""
     rss: dict[str, list[int]] = {}
     cpu: dict[str, list[float]] = {}
     for run in series:
         for child in run.children:
             if child.result.get("rss"):
                 rss.setdefault(child.label, []).append(child.result["rss"])
-                cpu.setdefault(child.label, []).append(child.result.get("cpu") or 0)
-    return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/{statistics.median(cpu[label]):.1f}" for label in rss)
+            used = run.cpu_during.get(child.label)
+            if used is not None:
+                cpu.setdefault(child.label, []).append(used * 1e6 / run.items if run.items else used)
+    fmt = "{:.0f}" if any(run.items for run in series) else "{:.2f}"
+    return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/"
+                     + (fmt.format(statistics.median(cpu[label])) if label in cpu else "?") for label in rss)
 
 
 def cores_busy(series: list[Run]) -> str:
@@ -1239,8 +1296,9 @@ def print_runs(bench: Bench) -> None:
     if rounds > 1:
         figure += " median [min-max]"
     each = f"{'ms each':>9}" if bench.small else ""
-    processes = ("per process: peak RSS MiB / CPU seconds" if rounds == 1
-                 else "per process: peak RSS MiB (largest) / CPU seconds (median)")
+    cpu = "CPU us each" if bench.small else "CPU seconds"
+    processes = (f"per process: peak RSS MiB / {cpu}" if rounds == 1
+                 else f"per process: peak RSS MiB (largest) / {cpu} (median)")
     header = (f"{'run':<{name_width}}{figure:>{figure_width}}{each}{'seconds':>9}  {'verified':<9}"
               f"{'cores busy':<14}{processes}")
     print(header)
@@ -1250,12 +1308,12 @@ def print_runs(bench: Bench) -> None:
         values = [run.rate if bench.small else run.mbps for run in series]
         each = f"{statistics.median(run.ms for run in series):>9.3f}" if bench.small else ""
         if rounds == 1:
-            verified, summary = ("yes" if series[0].verified else "NO"), series[0].rss_summary()
+            verified = "yes" if series[0].verified else "NO"
         else:
-            verified, summary = f"{sum(run.verified for run in series)}/{rounds}", merged_summary(series)
+            verified = f"{sum(run.verified for run in series)}/{rounds}"
         print(f"{name:<{name_width}}{spread(values):>{figure_width}}{each}"
               f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{cores_busy(series):<14}"
-              f"{summary}")
+              f"{merged_summary(series)}")
         for note in merged_notes(bench, name):
             print(f"{'':<{name_width}}  {note}")
 
@@ -1337,8 +1395,10 @@ def print_report(bench: Bench) -> bool:
                     f"push {n}", "mbps")]
     print(textwrap.fill(
         f"cores busy: how many of the machine's {os.cpu_count()} cores were busy on average while the run moved its "
-        "data (all processes, the bench's own included; in brackets the kernel's share of that time, from /proc/stat). "
-        f"A run at about {os.cpu_count()} was bound by the CPU.", 100))
+        "data (all processes, the bench's own included; in brackets the kernel's share of that time). A run at about "
+        f"{os.cpu_count()} was bound by the CPU. CPU per process: what each used in the same span"
+        + (", per file or round trip" if bench.small else "") + " (both from /proc, sampled every "
+        f"{CpuMeter.PERIOD * 1000:.0f} ms).", 100))
     print()
     width = 8 if rounds == 1 else 20
     if rounds > 1 and checks:

@@ -50,8 +50,8 @@ def test_bench_quick_runs_and_verifies(procs):
     assert bench.wait(280) == 0, "\n".join(bench.remaining_stdout()) + bench.stderr
     out = "\n".join(bench.remaining_stdout())
     for run in ("bare relay 1", "pull 1", "push 1", "bare relay 2", "bare fan-out 2", "pull 2", "push 2"):
-        assert re.search(rf"^{run}\s+\d+\s+[\d.]+\s+yes", out, re.M), out
-    assert "pull 1 vs bare relay 1" in out
+        assert re.search(rf"^{run}\s+\d+\s+[\d.]+\s+yes\s+([\d.]+ \(\d+%\)|n/a)\s+\w+ \d+/([\d.]+|\?)", out, re.M), out
+    assert "pull 1 vs bare relay 1" in out and "cores busy" in out
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,5 @@
 """Peak memory and I/O counters of processes, read from /proc (Linux)."""
 
-import os
 from typing import Optional
 
 
@@ -33,14 +32,3 @@ def io_counters(pid: "int | str" = "self") -> dict[str, int]:
     except (OSError, ValueError):
         pass
     return counters
-
-
-
-def cpu_seconds(pid: "int | str" = "self") -> Optional[float]:
-    """User plus system CPU time a process has used so far, in seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
