@@ -50,7 +50,9 @@ the bytes each proxy forwarded.
 
 import argparse
 import asyncio
+import bisect
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -68,7 +70,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -78,7 +80,7 @@ import zmq  # noqa: E402
 
 from fedstream.common.digest import file_digest  # noqa: E402
 from fedstream.common.sizes import format_size, parse_size  # noqa: E402
-from fedstream.nodes.simulate.procstats import io_counters, peak_rss  # noqa: E402
+from fedstream.nodes.simulate.procstats import cpu_ticks, io_counters, machine_cpu_ticks, peak_rss  # noqa: E402
 
 CREDIT_WINDOW = 8  # chunks, as in DESIGN.md's baseline
 MB = 1_000_000
@@ -661,8 +663,9 @@ class Child:
     """A role running in its own process."""
 
     def __init__(self, label: str, role: str, *args: str, cmd: Optional[list] = None,
-                 log_dir: Optional[Path] = None) -> None:
+                 log_dir: Optional[Path] = None, meter: "Optional[CpuMeter]" = None) -> None:
         self.label = label
+        self.meter = meter
         argv = cmd or [sys.executable, __file__, "--role", role, *args]
         self.log_path = (log_dir or Path(tempfile.gettempdir())) / f"{label}.log"
         with open(self.log_path, "ab") as log:
@@ -670,6 +673,8 @@ class Child:
                                          text=True, cwd=REPO)
         self.result: dict = {}
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        if meter is not None:
+            meter.watch(self)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -705,12 +710,16 @@ class Child:
 
     def release(self) -> None:
         """Close the process's stdin (senders wait for that) and wait for it to exit."""
+        if self.meter is not None:
+            self.meter.retire(self)
         self.proc.stdin.close()  # type: ignore[union-attr]
         self.proc.wait(30)
 
     def stop(self) -> dict:
         """Read a long-running process's peak RSS, terminate it, and keep what it reported on its way out."""
         rss = peak_rss(self.proc.pid)
+        if self.meter is not None:
+            self.meter.retire(self)
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -725,6 +734,8 @@ class Child:
         return self.result
 
     def kill(self) -> None:
+        if self.meter is not None:
+            self.meter.forget(self)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -733,8 +744,9 @@ class Child:
 class Run:
     """One measured transfer: its processes, outcome and figures."""
 
-    def __init__(self, name: str, recipients: int, log_dir: Path) -> None:
+    def __init__(self, name: str, recipients: int, log_dir: Path, meter: "Optional[CpuMeter]" = None) -> None:
         self.name = name
+        self.meter = meter
         self.recipients = recipients
         self.log_dir = log_dir
         self.children: list[Child] = []
@@ -755,14 +767,14 @@ class Run:
         return f"{self.mbps:.0f} MB/s in {self.seconds:.2f} s, verified: {self.verified}"
 
     def start(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> Child:
-        child = Child(label, role, *args, cmd=cmd, log_dir=self.log_dir)
+        child = Child(label, role, *args, cmd=cmd, log_dir=self.log_dir, meter=self.meter)
         self.children.append(child)
         return child
 
     def close(self) -> None:
         proxies = [c for c in self.children if c.label.startswith("proxy") and c.proc.poll() is None]
         for proxy in proxies:
-            proxy.stop()  # its peak RSS and CPU seconds are shown with the run's
+            proxy.stop()  # its peak RSS is shown with the run's
         if proxies:
             self.notes.append("forwarded by the delay proxies: " + ", ".join(
                 f"{p.label} {p.result.get('forwarded', 0) / MB:.0f} MB" for p in proxies))
@@ -774,101 +786,115 @@ class Run:
         return max((c.result.get("rss") or 0) for c in self.children if not c.label.startswith("proxy"))
 
 
+def interpolate(samples: "Sequence[tuple[float, int]]", at: float) -> float:
+    """The value of a counter sampled as (time, value) at time `at`: linear between samples, flat beyond them."""
+    if at <= samples[0][0]:
+        return samples[0][1]
+    if at >= samples[-1][0]:
+        return samples[-1][1]
+    after = bisect.bisect_right(samples, at, key=lambda sample: sample[0])
+    (t0, v0), (t1, v1) = samples[after - 1], samples[after]
+    return v0 + (v1 - v0) * (at - t0) / (t1 - t0)
+
+
+def around(samples: "Sequence[tuple]", start: float, end: float) -> list:
+    """The samples (time first) from the last one at or before `start` to the first one at or after `end`."""
+    first = max(0, bisect.bisect_right(samples, start, key=lambda sample: sample[0]) - 1)
+    last = bisect.bisect_left(samples, end, key=lambda sample: sample[0])
+    return list(itertools.islice(samples, first, last + 1))
+
+
 class CpuMeter:
-    """CPU use during a run, from /proc sampled in a thread: the machine's cores and each child process."""
+    """CPU use during a run, from /proc: the machine's cores and each child process, sampled in a thread.
+
+    A child is sampled once more when it is told to exit or stopped (its work is over then), so
+    the end of a run needs no guess; its start is interpolated between two samples.
+    """
 
     PERIOD = 0.05  # seconds between two samples (the kernel counts in 10 ms ticks)
-    KEPT = 200_000  # samples kept per series: about 3 hours' worth
+    MIN_SPAN = 0.1  # seconds: a shorter run gets no figures
+    KEPT = 72_000  # machine samples kept: an hour's worth
 
     def __init__(self) -> None:
-        self._ticks = os.sysconf("SC_CLK_TCK")
+        self._clock_ticks = os.sysconf("SC_CLK_TCK")
+        self._lock = threading.Lock()
         # (time.time(), busy, kernel, total) in clock ticks summed over all cores
-        self.machine: "deque[tuple[float, int, int, int]]" = deque(maxlen=self.KEPT)
-        self.processes: dict[int, "deque[tuple[float, int]]"] = {}  # pid -> (time.time(), user + system ticks)
+        self._machine: "deque[tuple[float, int, int, int]]" = deque(maxlen=self.KEPT)
+        self._samples: "dict[Child, list[tuple[float, int]]]" = {}  # (time.time(), user + system ticks)
+        self._live: "set[Child]" = set()
+
+    def start(self) -> "CpuMeter":
         threading.Thread(target=self._sample_forever, daemon=True).start()
+        return self
 
-    @staticmethod
-    def machine_ticks() -> Optional[tuple[int, int, int]]:
-        """Ticks all cores spent busy, of which in the kernel, and in all, since boot (None off Linux)."""
-        try:
-            with open("/proc/stat") as stat:
-                fields = [int(value) for value in stat.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = fields
-        kernel = system + irq + softirq
-        busy = user + nice + kernel + steal
-        return busy, kernel, busy + idle + iowait
+    def watch(self, child: "Child") -> None:
+        with self._lock:
+            self._samples[child] = []
+            self._live.add(child)
 
-    @staticmethod
-    def children() -> list[int]:
-        """This process's child processes (the bench's roles)."""
-        pids: list[int] = []
-        for task in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{task}/children") as children:
-                    pids.extend(int(pid) for pid in children.read().split())
-            except OSError:
-                continue
-        return pids
+    def retire(self, child: "Child") -> None:
+        """Sample `child` a last time: it is about to exit."""
+        self._sample(child)
+        with self._lock:
+            self._live.discard(child)
 
-    @staticmethod
-    def process_ticks(pid: int) -> Optional[int]:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            return int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            return None
+    def forget(self, child: "Child") -> None:
+        """Stop sampling `child` and drop its samples (it is killed, its pid may be reused)."""
+        with self._lock:
+            self._live.discard(child)
+            self._samples.pop(child, None)
+
+    def _sample(self, child: "Child") -> None:
+        ticks = cpu_ticks(child.proc.pid)
+        now = time.time()
+        with self._lock:
+            if ticks is not None and child in self._live and child in self._samples:
+                self._samples[child].append((now, ticks))
 
     def _sample_forever(self) -> None:
-        while (ticks := self.machine_ticks()) is not None:
+        while (ticks := machine_cpu_ticks()) is not None:
             now = time.time()
-            self.machine.append((now, *ticks))
-            for pid in self.children():
-                if (used := self.process_ticks(pid)) is not None:
-                    self.processes.setdefault(pid, deque(maxlen=self.KEPT)).append((now, used))
+            with self._lock:
+                self._machine.append((now, *ticks))
+                live = list(self._live)
+            for child in live:
+                self._sample(child)
             time.sleep(self.PERIOD)
 
-    @staticmethod
-    def _inside(samples: deque, start: float, end: float) -> list:
-        inside = [sample for sample in list(samples) if start <= sample[0] <= end]
-        return inside if len(inside) >= 2 and inside[-1][0] > inside[0][0] else []
-
-    def busy_between(self, start: float, end: float) -> Optional[tuple[float, float]]:
-        """Cores busy on average between `start` and `end` (time.time()) and the kernel's share of that."""
-        inside = self._inside(self.machine, start, end)
-        if not inside or inside[-1][3] <= inside[0][3]:
-            return None
-        busy = inside[-1][1] - inside[0][1]
-        kernel = inside[-1][2] - inside[0][2]
-        return (os.cpu_count() or 1) * busy / (inside[-1][3] - inside[0][3]), kernel / busy if busy else 0.0
-
-    def process_seconds(self, pid: int, start: float, end: float) -> Optional[float]:
-        """CPU seconds process `pid` used between `start` and `end` (the edges between samples at its rate)."""
-        samples = self.processes.get(pid, deque())
-        inside = self._inside(samples, start, end)
-        if not inside:
-            return None
-        used = (inside[-1][1] - inside[0][1]) / self._ticks
-        rate = used / (inside[-1][0] - inside[0][0])
-        lived_past_end = samples[-1][0] > end
-        missing = (inside[0][0] - start) + ((end - inside[-1][0]) if lived_past_end else 0.0)
-        return used + rate * missing
-
-    def record(self, run: Run, start: float, end: float) -> None:
-        """Store on `run` how busy the cores were and what CPU each of its processes used from `start` to `end`."""
-        run.cores = self.busy_between(start, end)
+    def record(self, run: "Run", start: float, end: float) -> None:
+        """Store on `run` how busy the cores were, and what CPU each of its processes used, from `start` to `end`."""
         for child in run.children:
-            used = self.process_seconds(child.proc.pid, start, end)
-            if used is not None:
-                run.cpu_during[child.label] = used
+            self._sample(child)  # a child still running has a sample after `end` now
+        deadline = time.monotonic() + 4 * self.PERIOD
+        while time.monotonic() < deadline and not self._machine_after(end):
+            time.sleep(self.PERIOD / 5)
+        with self._lock:
+            machine = around(self._machine, start, end)
+            samples = {child: self._samples.pop(child, []) for child in run.children}
+        if end - start < self.MIN_SPAN:
+            return
+        if machine and machine[0][0] <= start and machine[-1][0] >= end:
+            busy, kernel, total = (self._used([(sample[0], sample[i]) for sample in machine], start, end)
+                                   for i in (1, 2, 3))
+            if total > 0 and busy > 0:
+                run.cores = ((os.cpu_count() or 1) * busy / total, kernel / busy)
+        for child, series in samples.items():
+            if series:
+                run.cpu_during[child.label] = self._used(series, start, end) / self._clock_ticks
+
+    @staticmethod
+    def _used(series: "Sequence[tuple[float, int]]", start: float, end: float) -> float:
+        return interpolate(series, end) - interpolate(series, start)
+
+    def _machine_after(self, moment: float) -> bool:
+        with self._lock:
+            return bool(self._machine) and self._machine[-1][0] >= moment
 
 
 class Bench:
     def __init__(self, size: int, recipients: int, chunk_size: int, workdir: Path, small: bool = False,
                  files: int = 1000, push_files: int = 200, round_trips: int = 2000) -> None:
-        self.cpu = CpuMeter()
+        self.cpu = CpuMeter().start()
         self.size = size
         self.recipients = recipients
         self.chunk_size = chunk_size
@@ -983,7 +1009,7 @@ class Bench:
 
     # -- baselines -----------------------------------------------------------------------
     def bare_relay(self, n: int) -> Run:
-        run = Run(self.tagged(f"bare relay {n}"), n, self.workdir)
+        run = Run(self.tagged(f"bare relay {n}"), n, self.workdir, self.cpu)
         try:
             relay = run.start("relay", "relay")
             address = f"tcp://127.0.0.1:{self.through_proxy(run, 'proxy', int(relay.line('PORT ')))}"
@@ -1004,7 +1030,7 @@ class Bench:
         return run
 
     def bare_fanout(self, n: int) -> Run:
-        run = Run(f"bare fan-out {n}", n, self.workdir)
+        run = Run(f"bare fan-out {n}", n, self.workdir, self.cpu)
         try:
             pub = run.start("publisher", "fan-pub", "--file", str(self.source), "--count", str(n),
                             "--chunk-size", str(self.chunk_size))
@@ -1055,7 +1081,7 @@ class Bench:
         return broker, f"tcp://127.0.0.1:{proxied[0]}"
 
     def pull(self, n: int, secure: bool = False) -> Run:
-        run = Run(self.tagged(f"pull {n}" + (" secure" if secure else "")), n, self.workdir)
+        run = Run(self.tagged(f"pull {n}" + (" secure" if secure else "")), n, self.workdir, self.cpu)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -1077,7 +1103,7 @@ class Bench:
         return run
 
     def push(self, n: int, secure: bool = False) -> Run:
-        run = Run(self.tagged(f"push {n}" + (" secure" if secure else "")), n, self.workdir)
+        run = Run(self.tagged(f"push {n}" + (" secure" if secure else "")), n, self.workdir, self.cpu)
         kits = self.kits(secure)
         try:
             broker, address = self.start_broker(run, kits)
@@ -1107,7 +1133,7 @@ class Bench:
 
     # -- small files and round trips (--small) -------------------------------------------
     def bare_pull_small(self) -> Run:
-        run = Run("bare pull files", 1, self.workdir)
+        run = Run("bare pull files", 1, self.workdir, self.cpu)
         try:
             relay = run.start("relay", "relay")
             address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
@@ -1126,7 +1152,7 @@ class Bench:
         return run
 
     def pull_small(self) -> Run:
-        run = Run("pull files", 1, self.workdir)
+        run = Run("pull files", 1, self.workdir, self.cpu)
         refs = self.workdir / "refs.json"
         try:
             broker, address = self.start_broker(run, [])
@@ -1148,7 +1174,7 @@ class Bench:
         return run
 
     def bare_push_small(self) -> Run:
-        run = Run("bare push files", 1, self.workdir)
+        run = Run("bare push files", 1, self.workdir, self.cpu)
         try:
             relay = run.start("relay", "relay")
             address = f"tcp://127.0.0.1:{relay.line('PORT ')}"
@@ -1168,7 +1194,7 @@ class Bench:
         return run
 
     def push_small(self) -> Run:
-        run = Run("push files", 1, self.workdir)
+        run = Run("push files", 1, self.workdir, self.cpu)
         try:
             broker, address = self.start_broker(run, [])
             dest = self.dest(run.name, "site-1")
@@ -1190,7 +1216,7 @@ class Bench:
 
     def bare_round_trips(self, threaded: bool = False) -> Run:
         """Echo round trips through the relay; `threaded`: each side with a Cell's threads (bare-threaded-*)."""
-        run = Run("bare threaded round trips" if threaded else "bare round trips", 1, self.workdir)
+        run = Run("bare threaded round trips" if threaded else "bare round trips", 1, self.workdir, self.cpu)
         roles = "bare-threaded" if threaded else "bare"
         try:
             relay = run.start("relay", "relay")
@@ -1209,7 +1235,7 @@ class Bench:
 
     def cell_round_trips(self, inline: bool = False) -> Run:
         """Cell.request round trips to an echo Cell; `inline`: it answers on its I/O thread, not in its pool."""
-        run = Run("cell inline round trips" if inline else "cell round trips", 1, self.workdir)
+        run = Run("cell inline round trips" if inline else "cell round trips", 1, self.workdir, self.cpu)
         try:
             broker, address = self.start_broker(run, [])
             echo = run.start("site-1", "cell-echo-inline" if inline else "cell-echo", "--connect", address,
@@ -1252,9 +1278,9 @@ def run_names(bench: Bench) -> list[str]:
     return list(names)
 
 
-def merged_summary(series: list[Run]) -> str:
+def merged_summary(series: list[Run], per_item: bool) -> str:
     """Per process over the rounds: the largest peak RSS (MiB) / the median CPU it used during the transfer
-    (seconds; in --small runs microseconds per file or round trip)."""
+    (seconds; with `per_item`, microseconds per file or round trip); '?' where one is missing."""
     rss: dict[str, list[int]] = {}
     cpu: dict[str, list[float]] = {}
     for run in series:
@@ -1262,11 +1288,12 @@ def merged_summary(series: list[Run]) -> str:
             if child.result.get("rss"):
                 rss.setdefault(child.label, []).append(child.result["rss"])
             used = run.cpu_during.get(child.label)
-            if used is not None:
-                cpu.setdefault(child.label, []).append(used * 1e6 / run.items if run.items else used)
-    fmt = "{:.0f}" if any(run.items for run in series) else "{:.2f}"
-    return ", ".join(f"{label} {max(rss[label]) / 2**20:.0f}/"
-                     + (fmt.format(statistics.median(cpu[label])) if label in cpu else "?") for label in rss)
+            if used is not None and (run.items or not per_item):
+                cpu.setdefault(child.label, []).append(used * 1e6 / run.items if per_item else used)
+    fmt = "{:.0f}" if per_item else "{:.2f}"
+    return ", ".join(f"{label} " + (f"{max(rss[label]) / 2**20:.0f}" if label in rss else "?") + "/"
+                     + (fmt.format(statistics.median(cpu[label])) if label in cpu else "?")
+                     for label in dict.fromkeys([*rss, *cpu]))
 
 
 def cores_busy(series: list[Run]) -> str:
@@ -1313,7 +1340,7 @@ def print_runs(bench: Bench) -> None:
             verified = f"{sum(run.verified for run in series)}/{rounds}"
         print(f"{name:<{name_width}}{spread(values):>{figure_width}}{each}"
               f"{statistics.median(run.seconds for run in series):>9.2f}  {verified:<9}{cores_busy(series):<14}"
-              f"{merged_summary(series)}")
+              f"{merged_summary(series, bench.small)}")
         for note in merged_notes(bench, name):
             print(f"{'':<{name_width}}  {note}")
 
@@ -1395,8 +1422,9 @@ def print_report(bench: Bench) -> bool:
                     f"push {n}", "mbps")]
     print(textwrap.fill(
         f"cores busy: how many of the machine's {os.cpu_count()} cores were busy on average while the run moved its "
-        "data (all processes, the bench's own included; in brackets the kernel's share of that time). A run at about "
-        f"{os.cpu_count()} was bound by the CPU. CPU per process: what each used in the same span"
+        "data (every process on the machine: the run's, the bench's own and anything else running; in brackets the "
+        f"kernel's share of that time). A run at about {os.cpu_count()} was bound by the CPU. CPU per process: what "
+        "each used in the same span"
         + (", per file or round trip" if bench.small else "") + " (both from /proc, sampled every "
         f"{CpuMeter.PERIOD * 1000:.0f} ms).", 100))
     print()

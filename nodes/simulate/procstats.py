@@ -32,3 +32,25 @@ def io_counters(pid: "int | str" = "self") -> dict[str, int]:
     except (OSError, ValueError):
         pass
     return counters
+
+
+def cpu_ticks(pid: "int | str" = "self") -> Optional[int]:
+    """User plus system CPU time a process has used so far, in clock ticks (None if it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_cpu_ticks() -> Optional[tuple[int, int, int]]:
+    """Clock ticks all cores spent busy, of them in the kernel, and in all, since boot (None if unreadable)."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stat.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    kernel = system + irq + softirq
+    busy = user + nice + kernel + steal  # guest time is counted within user
+    return busy, kernel, busy + idle + iowait
