@@ -834,9 +834,7 @@ class CpuMeter:
 
     def retire(self, child: "Child") -> None:
         """Sample `child` a last time: it is about to exit."""
-        self._sample(child)
-        with self._lock:
-            self._live.discard(child)
+        self._sample(child, last=True)
 
     def forget(self, child: "Child") -> None:
         """Stop sampling `child` and drop its samples (it is killed, its pid may be reused)."""
@@ -844,12 +842,17 @@ class CpuMeter:
             self._live.discard(child)
             self._samples.pop(child, None)
 
-    def _sample(self, child: "Child") -> None:
+    def _sample(self, child: "Child", last: bool = False) -> None:
         ticks = cpu_ticks(child.proc.pid)
         now = time.time()
         with self._lock:
-            if ticks is not None and child in self._live and child in self._samples:
-                self._samples[child].append((now, ticks))
+            series = self._samples.get(child)
+            # a sample the sampling thread took before a later one was stored comes too late: drop it
+            if ticks is not None and child in self._live and series is not None \
+                    and (not series or series[-1][0] < now):
+                series.append((now, ticks))
+            if last:
+                self._live.discard(child)
 
     def _sample_forever(self) -> None:
         while (ticks := machine_cpu_ticks()) is not None:
