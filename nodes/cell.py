@@ -551,8 +551,8 @@ class Cell:
 
     def _send_message(self, target: str, kind: str, channel: str, topic: str, payload: Any,
                       headers: Optional[dict], request_id: int, block: bool = True) -> None:
-        if self._thread is None:
-            raise CellError(f"Cell '{self.fqcn}' is not started.")
+        if self._thread is None:  # never started, or stopped (stop() sets _stop before it lets go of the thread)
+            raise self._stopped() if self._stop.is_set() else CellError(f"Cell '{self.fqcn}' is not started.")
         self._post(self._encode(target, kind, channel, topic, payload, headers, request_id), block)
 
     @staticmethod

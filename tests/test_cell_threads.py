@@ -93,6 +93,23 @@ def test_a_sender_held_back_by_a_full_connection_fails_cleanly_when_the_cell_sto
             cell.stop()
 
 
+def test_a_stopped_cell_says_it_stopped_and_one_never_started_says_so(broker_address):
+    """A send on a cell that was stopped fails with 'stopped', whenever it comes; only a cell never started
+    (or started again) answers otherwise."""
+    cell = Cell("lifecycle", broker_address)
+    with pytest.raises(CellError, match="'lifecycle' is not started"):
+        cell.fire_and_forget("test", "note", "anyone", None)
+    cell.start()
+    cell.stop()
+    with pytest.raises(CellError, match="'lifecycle' stopped"):
+        cell.fire_and_forget("test", "note", "anyone", None)
+    with pytest.raises(CellError, match="'lifecycle' stopped"):
+        cell.send_request("test", "echo", "anyone", None, timeout=1)
+    with cell:
+        cell.register_request_cb("test", "echo", lambda message: message.payload)
+        assert cell.send_request("test", "echo", "lifecycle", "again", timeout=10) == "again"
+
+
 def test_callbacks_dropped_at_stop_do_not_leave_a_restarted_cell_busy(broker_address):
     """A stop drops the callbacks still queued; their share of the queue limits must be free again."""
     release = threading.Event()
