@@ -662,8 +662,8 @@ def free_ports(count: int) -> list[int]:
 class Child:
     """A role running in its own process."""
 
-    def __init__(self, label: str, role: str, *args: str, cmd: Optional[list] = None,
-                 log_dir: Optional[Path] = None, meter: "Optional[CpuMeter]" = None) -> None:
+    def __init__(self, label: str, role: str, *args: str, meter: "CpuMeter", cmd: Optional[list] = None,
+                 log_dir: Optional[Path] = None) -> None:
         self.label = label
         self.meter = meter
         argv = cmd or [sys.executable, __file__, "--role", role, *args]
@@ -673,8 +673,7 @@ class Child:
                                          text=True, cwd=REPO)
         self.result: dict = {}
         self.lines: "queue.Queue[Optional[str]]" = queue.Queue()
-        if meter is not None:
-            meter.watch(self)
+        meter.watch(self)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -710,16 +709,14 @@ class Child:
 
     def release(self) -> None:
         """Close the process's stdin (senders wait for that) and wait for it to exit."""
-        if self.meter is not None:
-            self.meter.retire(self)
+        self.meter.retire(self)
         self.proc.stdin.close()  # type: ignore[union-attr]
         self.proc.wait(30)
 
     def stop(self) -> dict:
         """Read a long-running process's peak RSS, terminate it, and keep what it reported on its way out."""
         rss = peak_rss(self.proc.pid)
-        if self.meter is not None:
-            self.meter.retire(self)
+        self.meter.retire(self)
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -734,8 +731,7 @@ class Child:
         return self.result
 
     def kill(self) -> None:
-        if self.meter is not None:
-            self.meter.forget(self)
+        self.meter.forget(self)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
@@ -744,7 +740,7 @@ class Child:
 class Run:
     """One measured transfer: its processes, outcome and figures."""
 
-    def __init__(self, name: str, recipients: int, log_dir: Path, meter: "Optional[CpuMeter]" = None) -> None:
+    def __init__(self, name: str, recipients: int, log_dir: Path, meter: "CpuMeter") -> None:
         self.name = name
         self.meter = meter
         self.recipients = recipients
@@ -767,7 +763,7 @@ class Run:
         return f"{self.mbps:.0f} MB/s in {self.seconds:.2f} s, verified: {self.verified}"
 
     def start(self, label: str, role: str, *args: str, cmd: Optional[list] = None) -> Child:
-        child = Child(label, role, *args, cmd=cmd, log_dir=self.log_dir, meter=self.meter)
+        child = Child(label, role, *args, meter=self.meter, cmd=cmd, log_dir=self.log_dir)
         self.children.append(child)
         return child
 
