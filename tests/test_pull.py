@@ -11,7 +11,7 @@ from fedstream.common import digest as digests
 from fedstream.common.constants import DEFAULT_CHUNK_SIZE
 from fedstream.nodes import Cell, FileDownloader, download_file
 from fedstream.nodes.message import Message, Reply
-from fedstream.nodes.pull import wire
+from fedstream.nodes.pull import kept, wire
 from tests.procs import wait_until
 from tests.pull_support import make_file, part_files, sha256_of, start_owner, start_receiver
 
@@ -292,3 +292,55 @@ def test_the_owner_sends_its_digest_with_open_only_when_the_answer_is_the_whole_
         part = answer(large, 65536)
         assert len(part.buffer) == 65536 and "digest" not in part.headers  # only a part of the file
         assert "digest" not in answer(small, None).headers  # no bytes asked for, no digest
+
+
+def test_small_files_are_served_as_shared_from_memory_within_a_bound_and_the_rest_from_disk(procs, broker_address,
+                                                                                          tmp_path):
+    """Up to kept.TOTAL bytes of files of at most kept.MAX_FILE are read once, when hashed: changing them
+    on disk afterwards changes nothing for their downloads. Files beyond the bound are read per request,
+    so a change to them fails their downloads, as it does for a large file."""
+    kept_count = kept.TOTAL // kept.MAX_FILE
+    (tmp_path / "src").mkdir()
+    files = [str(tmp_path / "src" / f"f{index:03d}.bin") for index in range(kept_count + 4)]
+    originals = {path: make_file(path, kept.MAX_FILE) for path in files}
+    owner, refs = start_owner(procs, broker_address, files)
+    out = tmp_path / "out"
+    out.mkdir()
+    with Cell("site-1", broker_address) as cell:
+        def digest_ready(path: str) -> bool:
+            answer = cell.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner",
+                                  headers={"ref": refs[path], "first": kept.MAX_FILE}, timeout=10)
+            return "digest" in answer.headers
+
+        for path in files:
+            wait_until(lambda: digest_ready(path), 10)
+        for path in files:  # rewritten in place, same size
+            stamp = os.stat(path).st_mtime_ns
+            with open(path, "r+b") as source:
+                source.write(os.urandom(kept.MAX_FILE))
+            os.utime(path, ns=(stamp, stamp + 10**9))
+        results = [download_file("owner", refs[path], 10, cell, str(out)) for path in files]
+    for path, (error, received) in zip(files[:kept_count], results):
+        assert error is None and sha256_of(received) == originals[path]
+    for error, received in results[kept_count:]:
+        assert received is None and "changed on the owner" in error
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(path) for path in files[:kept_count])
+    wait_until(lambda: len(owner.of("downloaded")) == kept_count, 10)
+    assert {e["status"] for e in owner.of("downloaded")} == {"success"}
+
+
+def test_kept_bytes_go_back_when_the_transaction_ends(broker_address, tmp_path):
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"f{index}.bin")
+        paths[-1].write_bytes(os.urandom(1000 + index))
+    before = kept.kept_bytes.used
+    with Cell("owner", broker_address) as cell, Cell("site-1", broker_address) as site:
+        tx = FileDownloader.new_transaction(cell, 30, None)
+        refs = [FileDownloader.add_file(tx, str(path)) for path in paths]
+        assert kept.kept_bytes.used == before + 3003  # reserved when shared, filled when hashed
+        (tmp_path / "out").mkdir()
+        error, received = download_file("owner", refs[2], 10, site, str(tmp_path / "out"))
+        assert error is None and open(received, "rb").read() == paths[2].read_bytes()
+        FileDownloader.delete_transaction(tx)
+        assert kept.kept_bytes.used == before

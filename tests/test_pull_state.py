@@ -6,6 +6,7 @@ import pytest
 
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
+from fedstream.nodes.pull.kept import KeptBytes
 from fedstream.nodes.pull.window import (
     Call,
     ChunkRequest,
@@ -438,3 +439,13 @@ def test_a_call_whose_answer_was_lost_is_resent_once_a_later_probe_is_answered()
     assert not call.due(POLICY.lost_after - 0.01)
     assert call.due(POLICY.lost_after) and call.failure is None
     assert call.handle(Replied(0, 0), POLICY.lost_after + 0.1)
+
+
+def test_kept_bytes_take_files_up_to_their_size_and_total_and_get_them_back():
+    kept = KeptBytes(total=100, max_file=40)
+    assert not kept.take(41)  # too large to keep, however much is free
+    assert kept.take(40) and kept.take(40) and kept.used == 80
+    assert not kept.take(21)  # would exceed the total
+    assert kept.take(20) and kept.used == 100
+    kept.give(40)
+    assert kept.used == 60 and kept.take(40) and kept.used == 100

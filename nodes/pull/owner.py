@@ -10,10 +10,12 @@
    before any callback can run); an `open` that asks for the `first` bytes of the file gets them
    with its answer, read in the pool; when they are the whole file, the answer carries the file's
    digest too, and the recipient confirms with a one-way `done` (a small file costs one round
-   trip). `chunk` runs in the Cell's worker pool, reserves the reply's bytes in a `ReplyBudget`
-   (too many in flight to that requester: "busy"), reads straight into a pooled buffer that
-   becomes the reply frame, and releases the bytes and the buffer once the frame left the
-   process (its tracker is done).
+   trip). A small file kept in memory (`KeptBytes`, nodes/pull/kept.py) is answered on the I/O
+   thread with its bytes: no hand-off to the pool, no read. `chunk` runs in the Cell's worker
+   pool, reserves the reply's bytes in a `ReplyBudget` (too many in flight to that requester:
+   "busy"), reads straight into a pooled buffer that becomes the reply frame (or takes a view of
+   a kept file's bytes), and releases the bytes and the buffer once the frame left the process
+   (its tracker is done).
 4. A monitor thread ends transactions idle for their timeout; `FileDownloader.shutdown()` ends all.
 5. A file serves plain and secure requests alike, or secure ones only when it was added with
    secure=True. A secure `open` (secure=True on the recipient) makes a session in
@@ -46,6 +48,7 @@ from fedstream.nodes.per_cell import PerCell
 from fedstream.nodes.pull import wire
 from fedstream.nodes.pull.budget import ReplyBudget
 from fedstream.nodes.pull.buffers import BufferPool, buffer_size
+from fedstream.nodes.pull.kept import kept_bytes
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 from fedstream.nodes.pull.secure import SecureSessions, Session
 from fedstream.nodes.pull.shared import Closed, DigestCache, SharedFile
@@ -133,7 +136,7 @@ class PullOwner:
             tx.files.append(shared)
             self._files[shared.ref_id] = (tx, shared)
             tx.touch()
-        shared.start_digest(self._digests, self._digest_workers)
+        shared.start_digest(self._digests, self._digest_workers, kept_bytes)
         log.debug("shared %s as %s (%d bytes)", file_name, shared.ref_id, shared.size)
         return shared.ref_id
 
@@ -219,8 +222,9 @@ class PullOwner:
     def _serve_open(self, msg: Message) -> "Reply | InPool":
         """Runs on the I/O thread (a recipient's start is recorded in order with its `done`).
 
-        A request asking for its `first` bytes gets them as the answer's payload, read in the pool;
-        an owner without room for them in its budget answers without.
+        A request asking for its `first` bytes gets them as the answer's payload, read in the pool
+        (or, for a plain download of a file kept in memory, taken from there at once); an owner
+        without room for them in its budget answers without.
         """
         shared = self._lookup(msg.headers)
         if isinstance(shared, Reply):
@@ -256,6 +260,8 @@ class PullOwner:
                 return Reply(data, {**answer, "digest": shared.digest})
             return Reply(data, answer)
 
+        if session is None and shared.content is not None:  # no disk, no sealing: nothing to wait for
+            return with_first_bytes()
         return InPool(with_first_bytes)
 
     def _serve_chunk(self, msg: Message) -> "zmq.Frame | bytes | Reply":
@@ -280,10 +286,11 @@ class PullOwner:
         token = self._reserve(requester, (buffer_size(length) if length else 0) + extra)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
-        buffer = self._buffers.take(length) if length else None
+        content = shared.content
+        buffer = self._buffers.take(length) if length and content is None else None
         reply: "zmq.Frame | bytes | Reply" = b""
         try:
-            reply = self._read(shared, offset, length, buffer)
+            reply = self._read(shared, offset, length, buffer, content)
             if session is not None and not isinstance(reply, Reply):
                 plain = reply.buffer if isinstance(reply, zmq.Frame) else b""
                 reply = zmq.Frame(session.sealer.seal(offset, plain), copy=False, track=True)
@@ -299,9 +306,14 @@ class PullOwner:
         return reply
 
     @staticmethod
-    def _read(shared: SharedFile, offset: int, length: int,
-              buffer: Optional[bytearray]) -> "zmq.Frame | bytes | Reply":
-        """The reply to a chunk request: the bytes read straight into the buffer of the frame that is sent."""
+    def _read(shared: SharedFile, offset: int, length: int, buffer: Optional[bytearray],
+              content: Optional[bytes]) -> "zmq.Frame | bytes | Reply":
+        """The reply to a chunk request: the bytes read straight into the buffer of the frame that is sent.
+
+        A file kept in memory (its `content`) is not read: the frame is a view of its bytes.
+        """
+        if content is not None:
+            return zmq.Frame(memoryview(content)[offset:offset + length], copy=False, track=True) if length else b""
         try:
             with shared.reading() as fd:
                 if shared.changed(fd):

@@ -6,7 +6,8 @@ file_downloaded_cb fires once per attempt: once for a success, and a recipient t
 aborted) and opens the file again starts a fresh outcome. The digest is computed once in a background thread (and cached
 by file identity, so a file shared again is not hashed again). Its descriptor comes from the
 owner's OpenFiles, opened on demand; a reopened file must still have the identity (device,
-inode, size, mtime) it had when it was added, or it counts as changed.
+inode, size, mtime) it had when it was added, or it counts as changed. A small file that fits
+in the process's KeptBytes is read once, when it is hashed, and served from memory (`content`).
 """
 
 import logging
@@ -21,6 +22,7 @@ from fedstream.common import digest as digests
 from fedstream.common.rc import DownloadStatus
 from fedstream.nodes.callbacks import call_user_cb
 from fedstream.nodes.pull import wire
+from fedstream.nodes.pull.kept import KeptBytes
 from fedstream.nodes.pull.openfiles import DigestWorkers, OpenFiles
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class SharedFile:
         self.digest: Optional[str] = None
         self.digest_error: Optional[tuple[str, str]] = None  # (error code, sentence)
         self.digest_ready = threading.Event()
+        self.content: Optional[bytes] = None  # the whole file, once hashed, if it is kept in memory
+        self._kept: Optional[KeptBytes] = None  # the allowance `content` is reserved from
+        self._kept_bytes = 0
 
     # -- reading -----------------------------------------------------------------------
     @contextmanager
@@ -92,9 +97,17 @@ class SharedFile:
             yield fd
 
     def close(self) -> None:
-        """Stop serving; the descriptor is closed as soon as no reader uses it."""
+        """Stop serving; the descriptor is closed as soon as no reader uses it, the kept bytes at once."""
         self._closed = True
         self._files.discard(self.ref_id)
+        self._drop_content()
+
+    def _drop_content(self) -> None:
+        with self._lock:
+            held, self._kept_bytes = self._kept_bytes, 0
+            self.content = None
+        if held and self._kept is not None:
+            self._kept.give(held)
 
     def changed(self, fd: int) -> bool:
         """Tell whether the file behind `fd` is not the one added (replaced, resized or modified)."""
@@ -102,8 +115,12 @@ class SharedFile:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity
 
     # -- digest ------------------------------------------------------------------------
-    def start_digest(self, cache: "DigestCache", workers: DigestWorkers) -> None:
-        """Use the cached digest, or have `workers` compute it."""
+    def start_digest(self, cache: "DigestCache", workers: DigestWorkers, kept: Optional[KeptBytes] = None) -> None:
+        """Have `workers` read and keep a small file that fits in `kept`; else use the cached digest or compute it."""
+        if kept is not None and self.size and kept.take(self.size):
+            self._kept, self._kept_bytes = kept, self.size
+            workers.submit(lambda: self._compute_digest(cache, keep=True))
+            return
         cached = cache.get(self._identity)
         if cached is not None:
             self.digest = cached
@@ -111,14 +128,21 @@ class SharedFile:
             return
         workers.submit(lambda: self._compute_digest(cache))
 
-    def _compute_digest(self, cache: "DigestCache") -> None:
+    def _compute_digest(self, cache: "DigestCache", keep: bool = False) -> None:
         hasher = digests.new_hasher()
+        content = None
         try:
             with self.reading() as fd:
                 if self.changed(fd):
                     self.digest_error = (wire.ERR_CHANGED, f"the file {self.name!r} changed on the owner")
                     return
-                digests.hash_range(fd, hasher, 0, self.size, should_stop=lambda: self._closed)
+                if keep:
+                    content = os.pread(fd, self.size, 0)
+                    if len(content) != self.size:
+                        raise OSError(f"file ended at {len(content)} bytes, expected {self.size}")
+                    hasher.update(content)
+                else:
+                    digests.hash_range(fd, hasher, 0, self.size, should_stop=lambda: self._closed)
                 if self._closed:
                     return
                 if self.changed(fd):
@@ -126,12 +150,18 @@ class SharedFile:
                     return
             self.digest = hasher.hexdigest()
             cache.put(self._identity, self.digest)
+            if content is not None:
+                with self._lock:
+                    if self._kept_bytes:  # not closed meanwhile
+                        self.content = content
         except Closed:
             return
         except OSError as exc:
-            self.digest_error = (wire.ERR_IO, f"the owner cannot read {self.name!r}: {exc.strerror}")
+            self.digest_error = (wire.ERR_IO, f"the owner cannot read {self.name!r}: {exc.strerror or exc}")
             log.error("digest of %s failed: %s", self.file_name, exc)
         finally:
+            if keep and self.content is None:
+                self._drop_content()
             self.digest_ready.set()
 
     # -- recipients --------------------------------------------------------------------
