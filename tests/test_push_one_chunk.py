@@ -273,3 +273,42 @@ def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push
             assert hashlib.sha256(kept.read()).hexdigest() == sha
     finally:
         receiver.stop()
+
+
+def test_a_stream_whose_end_still_waits_in_the_pool_ends_when_the_cell_stops(broker_address, tmp_path):
+    """A single target's stream ends in its start, and the rest of its end (stream_done_cb) is queued in the
+    Cell's pool. Stopping the cell while the pool is busy (the start handler has not returned) drops what the
+    pool has not started: the stream must end anyway, once, in the stopping thread."""
+    src = str(tmp_path / "f.bin")
+    sha = make_file(src, 10 * KIB)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    receiver = Cell("site-1", broker_address, workers=1).start()
+    done: list = []
+
+    def on_done(stream_ctx, fl_ctx):
+        done.append((FileStreamer.get_rc(stream_ctx), FileStreamer.get_file_location(stream_ctx),
+                     threading.current_thread().name))
+
+    FileStreamer.register_stream_processing(FLContext(receiver), CHANNEL, TOPIC, dest_dir=str(dest),
+                                            stream_done_cb=on_done)
+    start_handler, inline = receiver._handlers[(CHANNEL, TOPIC)]
+    stopper = threading.Thread(target=receiver.stop, name="stopper")
+
+    def stop_before_returning(message):  # the only worker is busy here: the stream's end stays queued
+        reply = start_handler(message)
+        stopper.start()
+        wait_until(lambda: done, 10)
+        return reply
+
+    receiver.register_request_cb(CHANNEL, TOPIC, stop_before_returning, inline=inline)
+    try:
+        with Cell("server", broker_address) as cell:
+            result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
+        assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
+        stopper.join(10)
+        assert done == [(ReturnCode.OK, str(dest / "f.bin"), "stopper")]
+        with open(dest / "f.bin", "rb") as kept:
+            assert hashlib.sha256(kept.read()).hexdigest() == sha
+    finally:
+        receiver.stop()
