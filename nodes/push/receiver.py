@@ -180,7 +180,12 @@ class _Stream:
         self.rejected = 0  # fan-out chunks that failed authentication
         self.cb_failed = False
         self._claimed = False  # run_once started (on the stream's thread, in the pool or in stop)
+        self.thread: Optional[threading.Thread] = None  # the stream's own, once started
+
+    def start_thread(self) -> None:
+        """Receive the stream on a thread of its own (run_once)."""
         self.thread = threading.Thread(target=self.run_once, name=f"fedstream-push-{self.sid}", daemon=True)
+        self.thread.start()
 
     # -- ending ----------------------------------------------------------------------------
     def end(self, rc: ReturnCode, reason: str, notify_owner: bool = True) -> bool:
@@ -632,7 +637,7 @@ class ReceiverSide:
             stream.end(ReturnCode.ERROR, "the stream could not be set up", notify_owner=False)
             with self._lock:
                 self._streams[sid] = stream
-            stream.thread.start()
+            stream.start_thread()
             return Reply.failure(wire.ERR_IO, f"the stream could not be set up: {type(exc).__name__}")
         with self._lock:
             aborted = sid in self._ended
@@ -644,7 +649,7 @@ class ReceiverSide:
         if stream.ended.is_set():  # it ended in its start (committed, or aborted): only its end is left to run
             self.cell.call_soon(stream.run_once)  # in the pool, no thread of its own, while the reply goes out
         else:
-            stream.thread.start()
+            stream.start_thread()
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'%s", sid, stream.name, stream.size, message.source,
                   " (secure)" if secure else " (one chunk)" if data is not None else "")
         return reply
@@ -742,8 +747,9 @@ class ReceiverSide:
         for stream in streams:
             stream.end(ReturnCode.TASK_ABORTED, "the receiving cell is stopping")
         for stream in streams:
-            if stream.thread.is_alive():
-                stream.thread.join(_JOIN_WAIT)
+            thread = stream.thread
+            if thread is not None and thread.is_alive():
+                thread.join(_JOIN_WAIT)
             else:  # its end may wait in the pool, which drops what it has not started: it ends here
                 stream.run_once()
 
