@@ -507,7 +507,7 @@ class _Push:
                     raise _Failure(ReturnCode.COMMUNICATION_ERROR, f"cannot send to '{target}': {exc}") from None
             while waiting:
                 remaining = deadline - time.monotonic()
-                done, _ = wait(list(waiting), timeout=max(0.0, remaining), return_when=FIRST_COMPLETED)
+                done = _first_done(list(waiting), max(0.0, remaining))
                 if not done:
                     names = ", ".join(f"'{t}'" for t in waiting.values())
                     raise _Failure(ReturnCode.TIMEOUT, f"no answer to '{step}' from {names} within "
@@ -688,3 +688,15 @@ class _Push:
         for request in requests:
             request.cancel()  # stop waiting for answers that did not come
         self.started = []
+
+
+def _first_done(futures: list[Future], timeout: float) -> "set[Future]":
+    """The futures done once at least one is (none if `timeout` passed first)."""
+    if len(futures) == 1:  # a single target: wait on the future itself, without a waiter object per step
+        try:
+            futures[0].exception(timeout)
+        except TimeoutError:
+            return set()
+        return {futures[0]}
+    done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+    return done
