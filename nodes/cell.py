@@ -27,7 +27,8 @@ Threading rule (every change to this module follows it):
    `register_request_cb(..., inline=True)` runs a callback on the I/O thread for the few
    internal handlers that only record an event: such a callback must not block, wait or
    touch the disk, or every message of the Cell waits with it; it may return `InPool(work)`
-   to have `work()` make the reply in the pool.
+   to have `work()` make the reply in the pool. A callback whose `Reply` has `then` set gets
+   `then()` called on its thread once the reply was handed to the connection.
 3. **Any exception from one message is contained.** The I/O thread drops the message,
    counts it in `stats`, logs it at most once per peer per minute, and keeps serving.
 4. **The I/O thread sleeps until there is work.** It waits in one poll for a message (from the
@@ -1017,8 +1018,15 @@ class Cell:
             return
         if isinstance(result, InPool):
             self._queue(lambda _message: result.work(), message, request_id)
-        elif request_id:
+            return
+        if request_id:
             self._reply(message, request_id, KIND_REPLY, result)
+        if isinstance(result, Reply) and result.then is not None:
+            try:
+                result.then()
+            except Exception:
+                log.exception("cell '%s': what the handler for %s/%s left to do after its reply failed",
+                              self.fqcn, message.channel, message.topic)
 
     def _reply(self, message: Message, request_id: int, kind: str, result: Any) -> None:
         """Answer a request; an answer that cannot be encoded becomes an error reply saying why."""

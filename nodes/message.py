@@ -39,10 +39,15 @@ MSG_KEY = "msg"
 
 @dataclass
 class Reply:
-    """A reply (or one-way message) with JSON `headers` next to its payload."""
+    """A reply (or one-way message) with JSON `headers` next to its payload.
+
+    A request callback may set `then`: the Cell calls it once the reply was handed to the
+    connection (or could not be), on the same thread, for work that must not delay the answer.
+    """
 
     payload: Any = None
     headers: dict = field(default_factory=dict)
+    then: Optional[Callable[[], None]] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def failure(cls, code: str, message: str) -> "Reply":

@@ -8,6 +8,7 @@ import pytest
 
 from fedstream.common.errors import CellError
 from fedstream.nodes import Cell
+from fedstream.nodes.message import Reply
 from tests.procs import wait_until
 
 SENDERS = 8
@@ -176,3 +177,26 @@ def test_a_reply_made_while_the_cell_stops_still_goes_out(broker_address):
             assert asker.send_request("test", "slow", "target", None, 10) == "answered"
     finally:
         target.stop()
+
+
+def test_what_a_handler_leaves_for_after_its_reply_runs_once_the_reply_went_out(broker_address):
+    """`Reply.then` runs after the reply was handed to the connection: here it waits until the asker has the
+    reply, which it could never have if `then` ran first on the same worker. A failing `then` is logged, and
+    the cell goes on serving."""
+    asker_has_it = threading.Event()
+    waited: list = []
+
+    def answer(message):
+        if message.payload == b"fail":
+            return Reply(b"ok", then=lambda: 1 / 0)
+        return Reply(b"ok", {"n": 1}, then=lambda: waited.append(asker_has_it.wait(10)))
+
+    with Cell("answerer", broker_address, workers=1) as answerer, Cell("asker", broker_address) as asker:
+        answerer.register_request_cb("test", "then", answer)
+        reply = asker.request("test", "then", "answerer", b"go", timeout=5)
+        asker_has_it.set()
+        assert (reply.payload, reply.headers) == (b"ok", {"n": 1})
+        wait_until(lambda: waited, 10)
+        assert waited == [True]
+        assert asker.request("test", "then", "answerer", b"fail", timeout=5).payload == b"ok"
+        assert asker.request("test", "then", "answerer", b"again", timeout=5).payload == b"ok"

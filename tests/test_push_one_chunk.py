@@ -275,40 +275,47 @@ def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push
         receiver.stop()
 
 
-def test_a_stream_whose_end_still_waits_in_the_pool_ends_when_the_cell_stops(broker_address, tmp_path):
-    """A single target's stream ends in its start, and the rest of its end (stream_done_cb) is queued in the
-    Cell's pool. Stopping the cell while the pool is busy (the start handler has not returned) drops what the
-    pool has not started: the stream must end anyway, once, in the stopping thread."""
+
+def test_a_stream_committed_by_a_start_handler_still_running_at_stop_ends(broker_address, tmp_path):
+    """The stop hooks run while a start handler is still storing its file; stop() then lets that handler
+    finish and answer, with a request queued in the pool behind it. The stream it committed must still end:
+    stream_done_cb fires once, and no descriptor or stream state is left behind."""
     src = str(tmp_path / "f.bin")
     sha = make_file(src, 10 * KIB)
     dest = tmp_path / "dest"
     dest.mkdir()
     receiver = Cell("site-1", broker_address, workers=1).start()
     done: list = []
-
-    def on_done(stream_ctx, fl_ctx):
-        done.append((FileStreamer.get_rc(stream_ctx), FileStreamer.get_file_location(stream_ctx),
-                     threading.current_thread().name))
-
     FileStreamer.register_stream_processing(FLContext(receiver), CHANNEL, TOPIC, dest_dir=str(dest),
-                                            stream_done_cb=on_done)
+                                            stream_done_cb=lambda ctx, fl_ctx: done.append(FileStreamer.get_rc(ctx)))
     start_handler, inline = receiver._handlers[(CHANNEL, TOPIC)]
-    stopper = threading.Thread(target=receiver.stop, name="stopper")
+    entered, hooks_ran = threading.Event(), threading.Event()
+    receiver.add_stop_hook(hooks_ran.set)  # after the push side's own hook looked at its streams
 
-    def stop_before_returning(message):  # the only worker is busy here: the stream's end stays queued
-        reply = start_handler(message)
-        stopper.start()
-        wait_until(lambda: done, 10)
-        return reply
+    def start_once_the_cell_stops(message):
+        entered.set()
+        hooks_ran.wait(10)
+        return start_handler(message)
 
-    receiver.register_request_cb(CHANNEL, TOPIC, stop_before_returning, inline=inline)
+    receiver.register_request_cb(CHANNEL, TOPIC, start_once_the_cell_stops, inline=inline)
+    receiver.register_request_cb("other", "slow", lambda message: time.sleep(1) or "ok")
+    results: list = []
     try:
         with Cell("server", broker_address) as cell:
-            result = send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)
-        assert (result.rc, result.ok, result.error) == (ReturnCode.OK, True, None)
-        stopper.join(10)
-        assert done == [(ReturnCode.OK, str(dest / "f.bin"), "stopper")]
+            pusher = threading.Thread(target=lambda: results.append(
+                send_file(cell, CHANNEL, TOPIC, {}, ["site-1"], src, chunk_timeout=5.0)))
+            pusher.start()
+            assert entered.wait(10)
+            cell.fire_and_forget("other", "slow", "site-1", None)  # waits in the pool behind the start handler
+            time.sleep(0.3)  # for it to arrive: the stop then finds the pool busy and a call queued
+            receiver.stop()
+            pusher.join(20)
+        assert results and results[0].ok, results
+        wait_until(lambda: done, 10)
+        assert done == [ReturnCode.OK]
         with open(dest / "f.bin", "rb") as kept:
             assert hashlib.sha256(kept.read()).hexdigest() == sha
+        wait_until(lambda: not [fd for fd in os.listdir("/proc/self/fd")
+                                if str(dest) in os.path.realpath(f"/proc/self/fd/{fd}")], 10)
     finally:
         receiver.stop()

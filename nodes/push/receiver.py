@@ -21,8 +21,8 @@ A one-chunk "start" (its payload is the whole file, its headers the description 
 digest; wire.check_one_chunk_start) is stored and verified by the start handler itself,
 which answers "verified"; the stream's thread then opens no SUB socket and only waits for
 the owner's commit or abort, asking after a quiet owner as a complete stream does. A stream
-that ended in its start (a single target's, committed at once) gets no thread: its end, and
-stream_done_cb, run in the Cell's worker pool while the answer goes out.
+that ended in its start (a single target's, committed at once) starts its thread, which only
+cleans up and calls stream_done_cb, once the answer went out (`Reply.then`).
 
 Only a stream's owner (the broker-stamped source of its "start") may verify, commit or
 abort it, or answer its repair requests; anything else is counted in `ignored` and dropped.
@@ -179,12 +179,11 @@ class _Stream:
         self.repaired = 0
         self.rejected = 0  # fan-out chunks that failed authentication
         self.cb_failed = False
-        self._claimed = False  # run_once started (on the stream's thread, in the pool or in stop)
         self.thread: Optional[threading.Thread] = None  # the stream's own, once started
 
     def start_thread(self) -> None:
-        """Receive the stream on a thread of its own (run_once)."""
-        self.thread = threading.Thread(target=self.run_once, name=f"fedstream-push-{self.sid}", daemon=True)
+        """Receive the stream (or only end it) on a thread of its own."""
+        self.thread = threading.Thread(target=self._run, name=f"fedstream-push-{self.sid}", daemon=True)
         self.thread.start()
 
     # -- ending ----------------------------------------------------------------------------
@@ -228,14 +227,6 @@ class _Stream:
         push_objects.discard_received(self.ctx)
 
     # -- the receiving thread --------------------------------------------------------------
-    def run_once(self) -> None:
-        """Receive the stream, clean up and call stream_done_cb, unless another thread did or does."""
-        with self.lock:
-            if self._claimed:
-                return
-            self._claimed = True
-        self._run()
-
     def _run(self) -> None:
         try:
             self._receive()
@@ -647,7 +638,7 @@ class ReceiverSide:
         elif data is not None and info.get("commit") is True and reply_error(reply.headers) is None:
             reply = stream.commit_in_start()  # published first: an abort from now on ends it, or finds it committed
         if stream.ended.is_set():  # it ended in its start (committed, or aborted): only its end is left to run
-            self.cell.call_soon(stream.run_once)  # in the pool, no thread of its own, while the reply goes out
+            reply.then = stream.start_thread  # once the answer went out: it need not wait for a new thread
         else:
             stream.start_thread()
         log.debug("stream %s: receiving '%s' (%d bytes) from '%s'%s", sid, stream.name, stream.size, message.source,
@@ -750,8 +741,6 @@ class ReceiverSide:
             thread = stream.thread
             if thread is not None and thread.is_alive():
                 thread.join(_JOIN_WAIT)
-            else:  # its end may wait in the pool, which drops what it has not started: it ends here
-                stream.run_once()
 
 
 def register_stream_processing(fl_ctx: FLContext, channel: str, topic: str, dest_dir: Optional[str] = None,
