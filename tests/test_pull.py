@@ -344,3 +344,40 @@ def test_kept_bytes_go_back_when_the_transaction_ends(broker_address, tmp_path):
         assert error is None and open(received, "rb").read() == paths[2].read_bytes()
         FileDownloader.delete_transaction(tx)
         assert kept.kept_bytes.used == before
+
+
+def test_a_kept_small_file_is_served_while_every_worker_of_its_owner_is_busy(broker_address, tmp_path):
+    """An `open` of a file kept in memory is answered on the owner's I/O thread: its download goes through
+    while the owner's only worker is held by another request. A file read from disk waits for the worker."""
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(os.urandom(5000))
+    large.write_bytes(os.urandom(kept.MAX_FILE + 1))
+    out = tmp_path / "out"
+    out.mkdir()
+    held, release = threading.Event(), threading.Event()
+
+    def hold(message):
+        held.set()
+        release.wait(30)
+
+    with Cell("owner", broker_address, workers=1) as owner, Cell("site-1", broker_address) as site:
+        owner.register_request_cb("test", "hold", hold)
+        tx = FileDownloader.new_transaction(owner, 60, None)
+        refs = {path: FileDownloader.add_file(tx, str(path)) for path in (small, large)}
+        wait_until(lambda: "digest" in site.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner", timeout=10,
+                                                    headers={"ref": refs[small], "first": 65536}).headers, 10)
+        site.fire_and_forget("test", "hold", "owner", None)
+        assert held.wait(10)
+        try:
+            results: dict = {}
+            waiting = threading.Thread(target=lambda: results.update(
+                large=download_file("owner", refs[large], 10, site, str(out))))
+            waiting.start()
+            results["small"] = download_file("owner", refs[small], 10, site, str(out))
+            assert waiting.is_alive()  # its `open` waits in the pool behind `hold`
+        finally:
+            release.set()
+        waiting.join(30)
+    for path in (small, large):
+        error, received = results[path.stem]
+        assert error is None and open(received, "rb").read() == path.read_bytes()

@@ -283,10 +283,11 @@ class PullOwner:
         """Bytes [offset, offset+length) of `shared` (clipped to its size, sealed for a session) within the budget."""
         length = max(0, min(length, shared.size - offset))
         extra = e2e.TAG_BYTES if session is not None else 0
-        token = self._reserve(requester, (buffer_size(length) if length else 0) + extra)
+        content = shared.content
+        held = length if content is not None else buffer_size(length) if length else 0  # a kept file: a view
+        token = self._reserve(requester, held + extra)
         if token is None:
             return Reply.failure(wire.ERR_BUSY, "too many reply bytes are in flight to you: ask again later")
-        content = shared.content
         buffer = self._buffers.take(length) if length and content is None else None
         reply: "zmq.Frame | bytes | Reply" = b""
         try:
