@@ -10,7 +10,7 @@ Socket-free.
 
 import threading
 
-MAX_FILE = 64 << 10  # largest file kept: a 16 KiB-class file (config, metrics, a small shard) costs a round trip
+MAX_FILE = 64 << 10  # largest file kept (configurations, metrics, small shards)
 TOTAL = 16 << 20  # every owner of the process together: the owner stays well below 100 MiB
 
 
