@@ -275,7 +275,6 @@ def test_a_receiver_that_stops_its_cell_in_stream_done_cb_does_not_fail_the_push
         receiver.stop()
 
 
-
 def test_a_stream_committed_by_a_start_handler_still_running_at_stop_ends(broker_address, tmp_path):
     """The stop hooks run while a start handler is still storing its file; stop() then lets that handler
     finish and answer, with a request queued in the pool behind it. The stream it committed must still end:
