@@ -294,6 +294,12 @@ def test_the_owner_sends_its_digest_with_open_only_when_the_answer_is_the_whole_
         assert "digest" not in answer(small, None).headers  # no bytes asked for, no digest
 
 
+def _wait_for_digest(cell: Cell, ref: str) -> None:
+    """Wait until the owner has the digest of `ref` (its answer to an `open` of the whole file carries it)."""
+    wait_until(lambda: "digest" in cell.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner", timeout=10,
+                                                headers={"ref": ref, "first": kept.MAX_FILE}).headers, 10)
+
+
 def test_small_files_are_served_as_shared_from_memory_within_a_bound_and_the_rest_from_disk(procs, broker_address,
                                                                                           tmp_path):
     """Up to kept.TOTAL bytes of files of at most kept.MAX_FILE are read once, when hashed: changing them
@@ -307,13 +313,8 @@ def test_small_files_are_served_as_shared_from_memory_within_a_bound_and_the_res
     out = tmp_path / "out"
     out.mkdir()
     with Cell("site-1", broker_address) as cell:
-        def digest_ready(path: str) -> bool:
-            answer = cell.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner",
-                                  headers={"ref": refs[path], "first": kept.MAX_FILE}, timeout=10)
-            return "digest" in answer.headers
-
         for path in files:
-            wait_until(lambda: digest_ready(path), 10)
+            _wait_for_digest(cell, refs[path])
         for path in files:  # rewritten in place, same size
             stamp = os.stat(path).st_mtime_ns
             with open(path, "r+b") as source:
@@ -364,8 +365,7 @@ def test_a_kept_small_file_is_served_while_every_worker_of_its_owner_is_busy(bro
         owner.register_request_cb("test", "hold", hold)
         tx = FileDownloader.new_transaction(owner, 60, None)
         refs = {path: FileDownloader.add_file(tx, str(path)) for path in (small, large)}
-        wait_until(lambda: "digest" in site.request(wire.CHANNEL, wire.TOPIC_OPEN, "owner", timeout=10,
-                                                    headers={"ref": refs[small], "first": 65536}).headers, 10)
+        _wait_for_digest(site, refs[small])
         site.fire_and_forget("test", "hold", "owner", None)
         assert held.wait(10)
         try:
